@@ -1,0 +1,167 @@
+"""Source catalogs from a label map, measured with photutils' SourceCatalog.
+
+Positions and shapes are measured once, on the detection image; fluxes are
+measured in every band. Column names follow photutils (``x_centroid``,
+``segment_flux``, ...); with several bands, each flux column also appears as
+``<column>_<band>``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import warnings
+
+import astropy.units as u
+import numpy as np
+from astropy.table import QTable
+from astropy.utils.exceptions import AstropyWarning
+from photutils.segmentation import SegmentationImage, SourceCatalog
+
+from deblend._version import __version__
+
+__all__ = ["make_catalog", "SHAPE_COLUMNS", "FLUX_COLUMNS", "empty_catalog"]
+
+log = logging.getLogger(__name__)
+
+#: Columns measured on the detection image.
+SHAPE_COLUMNS = ["label", "x_centroid", "y_centroid", "sky_centroid", "bbox_xmin", "bbox_xmax",
+                 "bbox_ymin", "bbox_ymax", "area", "semimajor_axis", "semiminor_axis",
+                 "orientation", "ellipticity", "max_value"]
+#: Columns measured in every band.
+FLUX_COLUMNS = ["segment_flux", "segment_flux_err", "kron_flux", "kron_flux_err"]
+
+
+def _band_suffix(name):
+    return "".join(c if c.isalnum() else "_" for c in str(name)).strip("_") or "band"
+
+
+def _meta(method, weights_id, band_names):
+    return {
+        "creator": f"deblend {__version__}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "method": method or "unknown",
+        "weights": weights_id or "none",
+        "bands": ",".join(band_names),
+    }
+
+
+def empty_catalog(*, band_names=("band0",), wcs=None, method=None, weights_id=None):
+    """A zero-row catalog with the same columns `make_catalog` returns.
+
+    Parameters
+    ----------
+    band_names : sequence of str, optional
+    wcs : astropy.wcs.WCS, optional
+        When given, the sky columns are included.
+    method, weights_id : str, optional
+        Provenance for ``meta``.
+
+    Returns
+    -------
+    astropy.table.QTable
+    """
+    table = QTable()
+    table["label"] = np.zeros(0, dtype=np.int32)
+    for name in ("x_centroid", "y_centroid"):
+        table[name] = np.zeros(0) * u.pix
+    if wcs is not None:
+        table["ra"] = np.zeros(0) * u.deg
+        table["dec"] = np.zeros(0) * u.deg
+    for name in ("bbox_xmin", "bbox_xmax", "bbox_ymin", "bbox_ymax"):
+        table[name] = np.zeros(0, dtype=np.int64)
+    table["area"] = np.zeros(0) * u.pix**2
+    for name in ("semimajor_axis", "semiminor_axis"):
+        table[name] = np.zeros(0) * u.pix
+    table["orientation"] = np.zeros(0) * u.deg
+    table["ellipticity"] = np.zeros(0)
+    table["max_value"] = np.zeros(0)
+    for col in FLUX_COLUMNS:
+        table[col] = np.zeros(0)
+        if len(band_names) > 1:
+            for band in band_names:
+                table[f"{col}_{_band_suffix(band)}"] = np.zeros(0)
+    table.meta.update(_meta(method, weights_id, list(band_names)))
+    return table
+
+
+def make_catalog(data, labels, *, detection=None, error=None, detection_error=None, mask=None,
+                 wcs=None, band_names=None, method=None, weights_id=None):
+    """Measure every labelled source.
+
+    Parameters
+    ----------
+    data : ndarray, shape (n_bands, ny, nx) or (ny, nx)
+        Background-subtracted image(s).
+    labels : ndarray of int, shape (ny, nx)
+        0 = background, 1..N = sources.
+    detection : ndarray, shape (ny, nx), optional
+        Image on which positions and shapes are measured (and the
+        ``segment_flux`` column without band suffix). Default: the single band.
+    error : ndarray, same shape as ``data``, optional
+        Noise σ per pixel and band, for the ``*_err`` columns.
+    detection_error : ndarray, shape (ny, nx), optional
+        Noise σ of ``detection``.
+    mask : ndarray of bool, shape (ny, nx), optional
+        Pixels excluded from all measurements.
+    wcs : astropy.wcs.WCS, optional
+        Adds ``sky_centroid``, ``ra`` and ``dec``.
+    band_names : sequence of str, optional
+        Band names for the per-band columns.
+    method, weights_id : str, optional
+        Provenance recorded in ``meta``.
+
+    Returns
+    -------
+    astropy.table.QTable
+        One row per label, ``label`` first, in label order. Empty (zero rows,
+        same columns) when ``labels`` has no source.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 2:
+        data = data[np.newaxis]
+        error = None if error is None else np.asarray(error)[np.newaxis]
+    n_bands = data.shape[0]
+    labels = np.asarray(labels)
+    if labels.shape != data.shape[1:]:
+        raise ValueError(f"labels shape {labels.shape} must equal the image shape {data.shape[1:]}")
+    band_names = list(band_names) if band_names is not None else [f"band{i}" for i in range(n_bands)]
+    if len(band_names) != n_bands:
+        raise ValueError(f"band_names has {len(band_names)} names for {n_bands} bands")
+    if detection is None:
+        if n_bands != 1:
+            raise ValueError("detection is required for multi-band data; build it with "
+                             "deblend.preprocess.detection_image")
+        detection = data[0]
+        detection_error = None if error is None else error[0]
+    if not labels.any():
+        return empty_catalog(band_names=band_names, wcs=wcs, method=method, weights_id=weights_id)
+
+    segm = SegmentationImage(labels.astype(np.int32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        det_cat = SourceCatalog(detection, segm, error=detection_error, mask=mask, wcs=wcs)
+        columns = [c for c in SHAPE_COLUMNS if wcs is not None or c != "sky_centroid"]
+        table = det_cat.to_table(columns=columns + FLUX_COLUMNS)
+        if n_bands > 1:
+            for b, band in enumerate(band_names):
+                band_err = None if error is None else error[b]
+                cat = SourceCatalog(data[b], segm, error=band_err, mask=mask, wcs=wcs,
+                                    detection_catalog=det_cat)
+                band_table = cat.to_table(columns=FLUX_COLUMNS)
+                for col in FLUX_COLUMNS:
+                    table[f"{col}_{_band_suffix(band)}"] = band_table[col]
+    if wcs is not None:
+        sky = table["sky_centroid"]
+        table["ra"] = sky.icrs.ra.to(u.deg)
+        table["dec"] = sky.icrs.dec.to(u.deg)
+    # plain floats for fluxes (photutils returns unitless for unitless data) and no masked rows
+    for name in table.colnames:
+        col = table[name]
+        if name != "sky_centroid" and hasattr(col, "filled") and np.asarray(col.mask).any():
+            table[name] = col.filled(np.nan)
+    table["label"] = np.asarray(table["label"], dtype=np.int32)
+    table.meta = _meta(method, weights_id, band_names)
+    log.debug("catalog: %d sources, %d bands", len(table), n_bands)
+    return table

@@ -1,0 +1,173 @@
+"""The ``deblend`` command: a thin layer over the public API.
+
+Commands
+--------
+``deblend run INPUT... -o OUTDIR``
+    Deblend FITS files and directories into segmentation maps and catalogs.
+``deblend simulate --n N --out DIR --seed S``
+    Make simulated blended scenes with ground truth.
+``deblend evaluate --pred DIR [DIR ...] --truth DIR``
+    Score predictions against simulation truth, several methods side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from deblend._version import __version__
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("deblend")
+
+
+def _add_run(sub):
+    from deblend.io import CATALOG_FORMATS
+    from deblend.pipeline import METHODS
+
+    p = sub.add_parser("run", help="deblend FITS files or directories",
+                       description="Deblend FITS images. For each input <stem>.fits, writes "
+                                   "OUTDIR/<stem>_seg.fits (int32 label map with the input's WCS) and "
+                                   "OUTDIR/<stem>_cat.<ext> (one row per label). A bad file is reported "
+                                   "and skipped; the exit status is 1 when any input failed.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="FITS file(s) and/or directories")
+    p.add_argument("-o", "--outdir", required=True, help="output directory")
+    p.add_argument("--method", default="sep", choices=sorted(METHODS), help="deblending method (default: sep)")
+    p.add_argument("--format", default="fits", choices=sorted(CATALOG_FORMATS),
+                   help="catalog format (default: fits)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--bands", action="store_true",
+                   help="treat all inputs as single-band images of one field (one multi-band output)")
+    p.add_argument("--hdu", default=None, help="HDU holding the image (index or EXTNAME); "
+                                                "default: first HDU with 2-D or 3-D data")
+    p.add_argument("--mask-bits", type=lambda s: int(s, 0), default=None,
+                   help="bits of a MASK HDU that flag bad pixels (e.g. 0x1)")
+    p.add_argument("--no-recursive", action="store_true", help="do not search directories recursively")
+    g = p.add_argument_group("detection options (SExtractor names; photutils equivalents in brackets)")
+    g.add_argument("--thresh", type=float, default=None, help="detection threshold in σ [nsigma] (1.5)")
+    g.add_argument("--minarea", type=int, default=None, help="minimum pixels per source [n_pixels] (5)")
+    g.add_argument("--deblend-nthresh", type=int, default=None, help="deblending levels [n_levels] (32)")
+    g.add_argument("--deblend-cont", type=float, default=None,
+                   help="deblending minimum contrast [contrast] (sep 0.005, photutils 0.001)")
+    p.set_defaults(func=_cmd_run)
+
+
+def _add_simulate(sub):
+    p = sub.add_parser("simulate", help="make simulated blended scenes with ground truth",
+                       description="Write N GalSim scenes <prefix>_<i>.fits with truth "
+                                   "(<name>_truth_seg.fits, <name>_truth.fits) into DIR.")
+    p.add_argument("--n", type=int, required=True, help="number of scenes")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.add_argument("--prefix", default="scene", help="scene name prefix (default: scene)")
+    p.add_argument("--shape", type=int, nargs=2, metavar=("NY", "NX"), default=None, help="image shape")
+    p.add_argument("--pixel-scale", type=float, default=None, help="arcsec per pixel")
+    p.add_argument("--psf-fwhm", type=float, default=None, help="Moffat PSF FWHM in arcsec")
+    p.add_argument("--noise", type=float, default=None, help="pixel noise σ")
+    p.add_argument("--density", type=float, default=None, help="source density (see SceneConfig)")
+    p.add_argument("--star-fraction", type=float, default=None, help="fraction of stars")
+    p.add_argument("--blend-fraction", type=float, default=None,
+                   help="fraction of sources given a close companion")
+    p.add_argument("--overwrite", action="store_true", help="replace existing scenes")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="score predictions against simulation truth",
+                       description="Match each prediction directory (outputs of `deblend run`) to the "
+                                   "truth of `deblend simulate` and print the metrics side by side.")
+    p.add_argument("--pred", nargs="+", required=True, metavar="DIR", help="prediction directories")
+    p.add_argument("--truth", required=True, metavar="DIR", help="directory of simulated scenes and truth")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--min-snr", type=float, default=0.0, help="ignore truth sources below this S/N")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def build_parser():
+    """The argument parser of the ``deblend`` command."""
+    parser = argparse.ArgumentParser(prog="deblend", description="Deblend astronomical survey images.")
+    parser.add_argument("--version", action="version", version=f"deblend {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_simulate(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def _cmd_run(args):
+    from deblend.batch import run_batch
+    from deblend.pipeline import Deblender
+
+    deblender = Deblender(args.method, thresh=args.thresh, minarea=args.minarea,
+                          deblend_nthresh=args.deblend_nthresh, deblend_cont=args.deblend_cont)
+    hdu = args.hdu
+    if hdu is not None and hdu.lstrip("-").isdigit():
+        hdu = int(hdu)
+    read_options = {"hdu": hdu, "mask_bits": args.mask_bits}
+    try:
+        summary = run_batch(args.inputs, args.outdir, deblender, format=args.format,
+                            overwrite=args.overwrite, as_bands=args.bands,
+                            recursive=not args.no_recursive, progress=None if not args.quiet else False,
+                            read_options=read_options)
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
+    if not summary.records:
+        log.error("no FITS files found in %s", " ".join(args.inputs))
+        return 2
+    stream = sys.stderr if summary.failed else sys.stdout
+    if not args.quiet or summary.failed:
+        print(summary.report(), file=stream)
+    return 1 if summary.failed else 0
+
+
+def _cmd_simulate(args):
+    from dataclasses import replace
+
+    from deblend.simulate import SceneConfig, simulate_directory
+
+    config = SceneConfig()
+    changes = {"shape": tuple(args.shape) if args.shape else None, "pixel_scale": args.pixel_scale,
+               "psf_fwhm": args.psf_fwhm, "noise_sigma": args.noise, "density": args.density,
+               "star_fraction": args.star_fraction, "blend_fraction": args.blend_fraction}
+    config = replace(config, **{k: v for k, v in changes.items() if v is not None})
+    names = simulate_directory(args.out, args.n, config=config, seed=args.seed, prefix=args.prefix,
+                               overwrite=args.overwrite, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {len(names)} scenes to {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args):
+    from deblend.evaluate import compare_methods, format_table, write_json
+
+    results = compare_methods(args.pred, args.truth, min_snr=args.min_snr)
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json)
+    return 0
+
+
+def main(argv=None):
+    """Entry point of the ``deblend`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad option values: the message names the parameter
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; finished outputs are complete, no partial files were left")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
