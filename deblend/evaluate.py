@@ -36,7 +36,7 @@ mean IoU
     Mean over true positives of ``|P ∩ T| / |P ∪ T|``, with ``P`` the
     predicted segment (``pred_labels == label``) and ``T`` the truth
     footprint (``truth_labels == id``).
-median \\|Δflux\\|/flux
+median abs(Δflux)/flux
     Median over true positives of ``|segment_flux - flux| / flux`` (truth
     flux > 0 and both fluxes finite).
 star/galaxy accuracy
@@ -228,7 +228,7 @@ def match_sources(pred_xy, truth_xy, *, max_distance):
     single = (ends - starts) == 1
     out_p.append(rows[starts[single]])
     out_t.append(cols[starts[single]])
-    for s, e in zip(starts[~single], ends[~single]):
+    for s, e in zip(starts[~single], ends[~single], strict=True):
         r, c, d = rows[s:e], cols[s:e], dist[s:e]
         ur, ri = np.unique(r, return_inverse=True)
         uc, ci = np.unique(c, return_inverse=True)
@@ -276,7 +276,7 @@ def _column_mask(col):
 
 
 def _float_column(table, name):
-    """A column as a float ndarray: units dropped, masked entries NaN."""
+    """Return a column as a float ndarray: units dropped, masked entries NaN."""
     col = table[name]
     mask = _column_mask(col)
     data = getattr(col, "unmasked", col)
@@ -288,7 +288,7 @@ def _float_column(table, name):
 
 
 def _bool_column(table, name):
-    """A column as a bool ndarray; strings 'true'/'t'/'1'/'yes' are True, masked is False."""
+    """Return a column as bool; strings 'true'/'t'/'1'/'yes' are True, masked False."""
     col = table[name]
     mask = _column_mask(col)
     data = np.ma.getdata(getattr(col, "value", col))
@@ -309,7 +309,7 @@ def _as_str(value):
 
 
 def _str_column(table, name):
-    """A column as an array of lower-case stripped strings; masked entries are ''."""
+    """Return a column as lower-case stripped strings; masked entries are ''."""
     col = table[name]
     mask = _column_mask(col)
     data = np.asarray(np.ma.getdata(col)).reshape(-1)
@@ -441,8 +441,9 @@ def _truth_arrays(truth_table, *, need_snr):
     if need_snr and "snr" not in names:
         missing.append("snr")
     if missing:
-        raise ValueError(f"truth_table lacks column(s) {missing} (it has {names}); a truth table "
-                         "needs id (== truth label), x, y (0-based pixels), and snr when min_snr > 0")
+        raise ValueError(f"truth_table lacks column(s) {missing} (it has {names}); a truth "
+                         "table needs id (== truth label), x, y (0-based pixels), and snr when "
+                         "min_snr > 0")
     ids = _int_ids(_float_column(truth_table, "id"), "truth_table['id']")
     n = ids.size
 
@@ -455,7 +456,8 @@ def _truth_arrays(truth_table, *, need_snr):
         "y": _float_column(truth_table, "y"),
         "flux": optional_float("flux"),
         "snr": optional_float("snr"),
-        "blended": _bool_column(truth_table, "blended") if "blended" in names else np.zeros(n, bool),
+        "blended": (_bool_column(truth_table, "blended") if "blended" in names
+                    else np.zeros(n, dtype=bool)),
         "is_star": _bool_column(truth_table, "is_star") if "is_star" in names else None,
     }
 
@@ -736,7 +738,7 @@ def _find_prediction(pred_dir, name, fmt):
 
 
 def _missing_result(truth_table, *, fwhm_pixels, min_snr):
-    """The result of an image with no prediction: every counted truth source missed."""
+    """Evaluate an image with no prediction: every counted truth source is missed."""
     empty = np.zeros((1, 1), dtype=np.int32)
     return evaluate_image(empty, None, empty, truth_table, fwhm_pixels=fwhm_pixels,
                           min_snr=min_snr)
@@ -927,17 +929,18 @@ def format_table(results):
     methods = [str(r.get("method", f"method{i}")) for i, r in enumerate(results)]
     headers = [
         f"{m} ({Path(r.get('pred_dir', '')).name})" if methods.count(m) > 1 else m
-        for m, r in zip(methods, results)
+        for m, r in zip(methods, results, strict=True)
     ]
     label_width = max(len("metric"), *(len(label) for label, _, _ in _TABLE_ROWS))
     cells = [[_format_value(r["summary"].get(key), kind) for r in results]
              for _, key, kind in _TABLE_ROWS]
     widths = [max(len(h), *(len(row[j]) for row in cells)) for j, h in enumerate(headers)]
-    lines = ["  ".join(["metric".ljust(label_width)] + [h.rjust(w) for h, w in zip(headers, widths)])]
+    lines = ["  ".join(["metric".ljust(label_width)]
+                       + [h.rjust(w) for h, w in zip(headers, widths, strict=True)])]
     lines.append("  ".join(["-" * label_width] + ["-" * w for w in widths]))
-    for (label, _, _), row in zip(_TABLE_ROWS, cells):
+    for (label, _, _), row in zip(_TABLE_ROWS, cells, strict=True):
         lines.append("  ".join([label.ljust(label_width)]
-                               + [c.rjust(w) for c, w in zip(row, widths)]))
+                               + [c.rjust(w) for c, w in zip(row, widths, strict=True)]))
     return "\n".join(lines)
 
 
