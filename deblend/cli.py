@@ -70,6 +70,9 @@ def _add_simulate(sub):
     p.add_argument("--star-fraction", type=float, default=None, help="fraction of stars")
     p.add_argument("--blend-fraction", type=float, default=None,
                    help="fraction of sources given a close companion")
+    p.add_argument("--n-bands", type=int, default=None, help="number of bands (default 1)")
+    p.add_argument("--min-snr", type=float, default=None,
+                   help="sources below this S/N are not drawn (default 5)")
     p.add_argument("--overwrite", action="store_true", help="replace existing scenes")
     p.set_defaults(func=_cmd_simulate)
 
@@ -133,7 +136,8 @@ def _cmd_simulate(args):
     config = SceneConfig()
     changes = {"shape": tuple(args.shape) if args.shape else None, "pixel_scale": args.pixel_scale,
                "psf_fwhm": args.psf_fwhm, "noise_sigma": args.noise, "density": args.density,
-               "star_fraction": args.star_fraction, "blend_fraction": args.blend_fraction}
+               "star_fraction": args.star_fraction, "blend_fraction": args.blend_fraction,
+               "n_bands": args.n_bands, "min_snr": args.min_snr}
     config = replace(config, **{k: v for k, v in changes.items() if v is not None})
     names = simulate_directory(args.out, args.n, config=config, seed=args.seed, prefix=args.prefix,
                                overwrite=args.overwrite, progress=not args.quiet)
