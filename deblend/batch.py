@@ -196,9 +196,19 @@ def run_batch(inputs, outdir, deblender, *, format="fits", overwrite=False, as_b
     n_sources = 0
     with logging_redirect_tqdm(), tqdm(groups, unit="file", disable=not progress, desc="deblend",
                                        dynamic_ncols=True) as bar:
+        claimed = {}  # output (directory, stem) -> the input that owns it in this run
         for group in bar:
-            record = _process(deblender, group, outdir, format=format, overwrite=overwrite,
-                              read_options=read_options or {})
+            first, base = group[0]
+            key = (_output_dir(outdir, first, base), fits_stem(first))
+            if key in claimed:  # e.g. a/x.fits and b/x.fits, or x.fits and x.fits.gz
+                record = FileRecord(str(first), "failed",
+                                    error=f"{first}: its outputs {key[1]}_seg/_cat would replace "
+                                          f"those of {claimed[key]} in this run; rename one or "
+                                          "run them into different output directories")
+            else:
+                claimed[key] = first
+                record = _process(deblender, group, outdir, format=format, overwrite=overwrite,
+                                  read_options=read_options or {})
             records.append(record)
             n_sources += record.n_sources
             if record.status == "failed":

@@ -14,7 +14,6 @@ import warnings
 
 import astropy.units as u
 import numpy as np
-from astropy.table import QTable
 from astropy.utils.exceptions import AstropyWarning
 from photutils.segmentation import SegmentationImage, SourceCatalog
 
@@ -61,28 +60,15 @@ def empty_catalog(*, band_names=("band0",), wcs=None, method=None, weights_id=No
     -------
     astropy.table.QTable
     """
-    table = QTable()
-    table["label"] = np.zeros(0, dtype=np.int32)
-    for name in ("x_centroid", "y_centroid"):
-        table[name] = np.zeros(0) * u.pix
-    if wcs is not None:
-        table["ra"] = np.zeros(0) * u.deg
-        table["dec"] = np.zeros(0) * u.deg
-    for name in ("bbox_xmin", "bbox_xmax", "bbox_ymin", "bbox_ymax"):
-        table[name] = np.zeros(0, dtype=np.int64)
-    table["area"] = np.zeros(0) * u.pix**2
-    for name in ("semimajor_axis", "semiminor_axis"):
-        table[name] = np.zeros(0) * u.pix
-    table["orientation"] = np.zeros(0) * u.deg
-    table["ellipticity"] = np.zeros(0)
-    table["max_value"] = np.zeros(0)
-    for col in FLUX_COLUMNS:
-        table[col] = np.zeros(0)
-        if len(band_names) > 1:
-            for band in band_names:
-                table[f"{col}_{_band_suffix(band)}"] = np.zeros(0)
-    table.meta.update(_meta(method, weights_id, list(band_names)))
-    return table
+    band_names = list(band_names)
+    # measure one dummy pixel and keep no row: the columns, their order, dtypes and units are
+    # then exactly those of a non-empty catalog (sky_centroid included when there is a WCS)
+    labels = np.zeros((3, 3), dtype=np.int32)
+    labels[1, 1] = 1
+    data = np.ones((len(band_names), 3, 3), dtype=np.float32)
+    table = make_catalog(data, labels, detection=data[0], wcs=wcs, band_names=band_names,
+                         method=method, weights_id=weights_id)
+    return table[:0]
 
 
 def make_catalog(data, labels, *, detection=None, error=None, detection_error=None, mask=None,

@@ -16,7 +16,7 @@ import sep
 from astropy.utils.exceptions import AstropyWarning
 from photutils.segmentation import deblend_sources, detect_sources, make_2dgaussian_kernel
 
-__all__ = ["sep_labels", "photutils_labels", "relabel_consecutive", "SEP_DEFAULT_KERNEL"]
+__all__ = ["sep_labels", "photutils_labels", "relabel_consecutive", "check_options", "SEP_DEFAULT_KERNEL"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,51 @@ def _check_positive(name, value, integer=False):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def _check_sep(thresh, minarea, deblend_nthresh, deblend_cont):
+    _check_positive("thresh", thresh)
+    _check_positive("minarea", minarea, integer=True)
+    _check_positive("deblend_nthresh", deblend_nthresh, integer=True)
+    if not 0 <= deblend_cont <= 1:
+        raise ValueError(f"deblend_cont must be in [0, 1], got {deblend_cont!r}")
+
+
+def _check_photutils(nsigma, n_pixels, n_levels, contrast):
+    _check_positive("nsigma", nsigma)
+    _check_positive("n_pixels", n_pixels, integer=True)
+    _check_positive("n_levels", n_levels, integer=True)
+    if not 0 <= contrast <= 1:
+        raise ValueError(f"contrast must be in [0, 1], got {contrast!r}")
+
+
+def check_options(method, options):
+    """Validate a method's options before any image is processed.
+
+    Parameters
+    ----------
+    method : {'sep', 'photutils'}
+    options : dict
+        Keyword arguments for `sep_labels` or `photutils_labels`.
+
+    Raises
+    ------
+    ValueError
+        For an unknown option or an invalid value; the message names both.
+    """
+    import inspect
+
+    func = {"sep": sep_labels, "photutils": photutils_labels}[method]
+    params = inspect.signature(func).parameters
+    known = [name for name, p in params.items() if p.kind is p.KEYWORD_ONLY and name != "mask"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {method} option(s) {unknown}; valid options are {known}")
+    values = {name: options.get(name, params[name].default) for name in known}
+    if method == "sep":
+        _check_sep(values["thresh"], values["minarea"], values["deblend_nthresh"], values["deblend_cont"])
+    else:
+        _check_photutils(values["nsigma"], values["n_pixels"], values["n_levels"], values["contrast"])
 
 
 def sep_labels(detection, rms, *, mask=None, thresh=1.5, minarea=5, filter_kernel=SEP_DEFAULT_KERNEL,
@@ -84,11 +129,7 @@ def sep_labels(detection, rms, *, mask=None, thresh=1.5, minarea=5, filter_kerne
     ndarray of int32, shape (ny, nx)
         Label map, labels 1..N.
     """
-    _check_positive("thresh", thresh)
-    _check_positive("minarea", minarea, integer=True)
-    _check_positive("deblend_nthresh", deblend_nthresh, integer=True)
-    if not 0 <= deblend_cont <= 1:
-        raise ValueError(f"deblend_cont must be in [0, 1], got {deblend_cont!r}")
+    _check_sep(thresh, minarea, deblend_nthresh, deblend_cont)
     # sep needs writable, C-contiguous, native float32 buffers
     data = np.array(detection, dtype=np.float32, order="C")
     err = np.array(np.broadcast_to(rms, data.shape), dtype=np.float32, order="C")
@@ -98,8 +139,12 @@ def sep_labels(detection, rms, *, mask=None, thresh=1.5, minarea=5, filter_kerne
     sep.set_sub_object_limit(4096)
     kernel = None if filter_kernel is None else np.asarray(filter_kernel, dtype=np.float32)
     try:
+        # filter_type='conv' is SExtractor's convention (thresh in units of the unfiltered σ); sep's
+        # default 'matched' filter with an error array thresholds the filtered S/N instead, which at
+        # thresh=1.5 turns pure noise into dozens of detections.
         _, seg = sep.extract(data, thresh, err=err, mask=mask, minarea=int(minarea),
-                             filter_kernel=kernel, deblend_nthresh=int(deblend_nthresh),
+                             filter_kernel=kernel, filter_type="conv",
+                             deblend_nthresh=int(deblend_nthresh),
                              deblend_cont=float(deblend_cont), clean=bool(clean),
                              clean_param=float(clean_param), segmentation_map=True)
     except Exception as exc:
@@ -138,8 +183,7 @@ def photutils_labels(detection, rms, *, mask=None, nsigma=1.5, n_pixels=5, kerne
     ndarray of int32, shape (ny, nx)
         Label map, labels 1..N.
     """
-    _check_positive("nsigma", nsigma)
-    _check_positive("n_pixels", n_pixels, integer=True)
+    _check_photutils(nsigma, n_pixels, n_levels, contrast)
     data = np.asarray(detection, dtype=np.float32)
     if kernel_fwhm is not None:
         _check_positive("kernel_fwhm", kernel_fwhm)
@@ -147,7 +191,10 @@ def photutils_labels(detection, rms, *, mask=None, nsigma=1.5, n_pixels=5, kerne
         kernel = make_2dgaussian_kernel(kernel_fwhm, size=max(3, size))
         from astropy.convolution import convolve
 
-        convolved = convolve(data, kernel, mask=mask, normalize_kernel=True, boundary="extend")
+        with warnings.catch_warnings():
+            # masked regions wider than the kernel stay NaN (zeroed next): not worth a warning
+            warnings.simplefilter("ignore", AstropyWarning)
+            convolved = convolve(data, kernel, mask=mask, normalize_kernel=True, boundary="extend")
         convolved = np.nan_to_num(convolved.astype(np.float32))
     else:
         convolved = data

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gzip
 import logging
 import os
+import re
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from deblend.exceptions import InputError, WCSWarning
 __all__ = [
     "Image",
     "read_image",
+    "read_header",
     "read_segmentation",
     "read_catalog",
     "write_image",
@@ -69,6 +72,8 @@ _EXTENSION_FORMATS = {
 _VARIANCE_NAMES = ("VARIANCE", "VAR")
 _WEIGHT_NAMES = ("WEIGHT", "WHT", "IVAR", "INVVAR")
 _MASK_NAMES = ("MASK", "BADPIX", "FLAGS")
+# WCS keywords whose unparsable value astropy replaces by a default (with only a warning)
+_WCS_NUMBER_KEYS = re.compile(r"(CRPIX|CRVAL|CDELT|CROTA)\d|(CD|PC|PV)\d+_\d+")
 
 
 @dataclass
@@ -185,7 +190,7 @@ def _mask_nonfinite(cube, extra_mask=None):
     if extra_mask is not None:
         bad |= extra_mask
     if bad.any():
-        cube = cube.copy() if not cube.flags.writeable else cube
+        cube = cube.copy()  # never write into the caller's array (from_array may hold a view)
         cube[:, bad] = 0.0
     return cube, bad
 
@@ -228,6 +233,8 @@ def _open_fits(path):
             starts_like_fits = fh.read(9) == b"SIMPLE  ="
         if starts_like_fits:
             raise InputError(path, f"truncated or corrupt FITS header ({msg})") from exc
+        if _gzipped_fits(path):
+            raise InputError(path, f"truncated or corrupt gzip-compressed FITS ({msg})") from exc
         if "SIMPLE" in msg or "Empty or corrupt" in msg or "not a FITS" in msg.lower():
             raise InputError(path, "not a FITS file (no valid primary header)") from exc
         if "gzip" in msg.lower() or "compressed" in msg.lower():
@@ -237,6 +244,15 @@ def _open_fits(path):
         raise InputError(path, f"cannot be read as FITS ({type(exc).__name__}: {exc})") from exc
     _raise_if_truncated(path, caught)
     return hdul
+
+
+def _gzipped_fits(path):
+    """Tell whether ``path`` is gzip-compressed and decompresses to the start of a FITS header."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read(9) == b"SIMPLE  ="
+    except (OSError, EOFError):
+        return False
 
 
 def _raise_if_truncated(path, caught):
@@ -306,13 +322,25 @@ def _celestial_wcs(path, header):
     if not any(k in header for k in ("CTYPE1", "CD1_1", "PC1_1", "CDELT1")):
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AstropyWarning)
             naxis = header.get("ZNAXIS", header.get("NAXIS", 2))
             wcs = WCS(header, naxis=2) if naxis >= 2 else WCS(header)
     except Exception as exc:  # astropy raises many types for broken WCS keywords
         warnings.warn(f"{path}: broken WCS ignored ({exc}); pixel outputs are still written", WCSWarning)
         return None
+    # astropy replaces a non-numeric CRPIX/CDELT/... by a default (CDELT = 1 deg) with only a
+    # warning: such a WCS would put every source at a wrong sky position
+    texts = [str(w.message) for w in caught if issubclass(w.category, AstropyWarning)]
+    unparsable = [t.split("=")[0].strip() for t in texts if "value was expected" in t]
+    unparsable = [key for key in unparsable if _WCS_NUMBER_KEYS.match(key)]
+    if unparsable:
+        warnings.warn(f"{path}: broken WCS ignored (non-numeric {', '.join(unparsable)}); "
+                      "pixel outputs are still written", WCSWarning, stacklevel=2)
+        return None
+    for w in caught:
+        if not issubclass(w.category, AstropyWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not wcs.has_celestial:
         return None
     return wcs.celestial
@@ -342,7 +370,7 @@ def _aux_array(path, hdul, key, default_names, cube_shape, what):
     if arr is None:
         raise InputError(path, f"{what} HDU {h.name!r} holds no data")
     arr = np.asarray(arr)
-    if arr.ndim == 2 and len(cube_shape) == 3:
+    if arr.ndim == 2 and len(cube_shape) == 3 and arr.shape == tuple(cube_shape[1:]):
         arr = np.broadcast_to(arr, cube_shape)
     if arr.shape != tuple(cube_shape):
         raise InputError(path, f"{what} HDU {h.name!r} has shape {arr.shape}, image has {tuple(cube_shape)}")
@@ -751,3 +779,26 @@ def read_catalog(path, *, format=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AstropyWarning)
         return QTable.read(path, format=CATALOG_FORMATS[fmt][0])
+
+
+def read_header(path, *, hdu=None):
+    """Read the header of an image HDU without reading its data.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    hdu : int or str, optional
+        Default: the first HDU with 2-D or 3-D data.
+
+    Returns
+    -------
+    astropy.io.fits.Header
+
+    Raises
+    ------
+    InputError
+        If the file cannot be read or has no image HDU.
+    """
+    with _open_fits(path) as hdul:
+        _, h = _find_image_hdu(path, hdul, hdu)
+        return h.header.copy()

@@ -7,7 +7,7 @@ import os
 import warnings
 
 from deblend.catalog import make_catalog
-from deblend.classical import photutils_labels, sep_labels
+from deblend.classical import check_options, photutils_labels, sep_labels
 from deblend.exceptions import NoSourcesWarning
 from deblend.io import Image, read_image
 from deblend.preprocess import prepare
@@ -67,6 +67,7 @@ class Deblender:
         for key, value in generic.items():
             if value is not None:
                 options[_OPTION_NAMES[method][key]] = value
+        check_options(method, options)
         self.options = options
         self.box_size = box_size
         self.filter_size = filter_size

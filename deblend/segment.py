@@ -1,0 +1,556 @@
+"""Run an instance segmenter (Mask R-CNN) over a whole image: windows in, instances out.
+
+`detect` cuts the normalised detection image into overlapping windows
+(`deblend.tiling.make_windows`), runs the model on batches of them, and keeps
+each detection from the one window whose *core* holds its centre, so a source
+seen by several windows is kept once. `instances_to_labels` resolves the
+overlapping soft masks into one label map.
+
+Torch is used inside; arguments and results are numpy.
+
+Stitching assumptions
+---------------------
+- Every core lies at least ``overlap // 2`` pixels inside its window (except
+  along the image edges). A source whose mask reaches at most that far from
+  its centre is seen whole by the window that owns its centre; a larger one is
+  cut at that window's edge. The default ``overlap=48`` suits sources of
+  radius up to 24 px; raise it (and ``window_size``) for larger galaxies.
+- Ownership is decided on the centre each window measures. A model that is
+  exactly translation-equivariant measures the same centre in every window,
+  and each source is then kept exactly once. A CNN is only nearly so (zero
+  padding at the window edges, stride alignment), so a source whose centre
+  falls within a small fraction of a pixel of a core boundary can,
+  rarely, be kept twice or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.ops import boxes as box_ops
+from tqdm.auto import tqdm
+
+from deblend.models.mask_rcnn import CLASS_NAMES
+from deblend.tiling import has_signal, iter_batches, make_windows
+
+__all__ = ["Instances", "detect", "instances_to_labels"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Instances:
+    """Detected sources of one image, in global pixel coordinates.
+
+    Attributes
+    ----------
+    boxes : ndarray of float32, shape (N, 4)
+        ``x1, y1, x2, y2`` (torchvision's convention: continuous coordinates,
+        pixel ``i`` spans ``[i, i + 1)``).
+    labels : ndarray of int64, shape (N,)
+        Class index into `deblend.models.mask_rcnn.CLASS_NAMES`: 1 star, 2 galaxy.
+    class_prob : ndarray of float32, shape (N,)
+        Probability of the predicted class, ``P(label)`` (torchvision's
+        ``scores``: the softmax over background, star and galaxy).
+    det_score : ndarray of float32, shape (N,)
+        Probability that the detection is a source at all, ``1 - P(background)
+        = P(star) + P(galaxy)``, so ``det_score >= class_prob`` and the class
+        probability given a source is ``class_prob / det_score`` (>= 0.5). For
+        models other than torchvision's Mask R-CNN it is the model's
+        ``det_scores`` output if it gives one, else ``scores``.
+    centers : ndarray of float64, shape (N, 2)
+        ``x, y`` centroid of each soft mask (pixel centres at integers).
+    masks : list of ndarray of float16
+        Soft mask (0-1) of each instance, cropped to the region where it can
+        be non-zero (its box grown by about a pixel).
+    offsets : ndarray of int64, shape (N, 2)
+        ``(y0, x0)`` of each mask crop in the image: mask ``i`` covers
+        ``image[y0:y0 + h, x0:x0 + w]`` (see `mask_slices`).
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    class_prob: np.ndarray
+    det_score: np.ndarray
+    centers: np.ndarray
+    masks: list = field(default_factory=list)
+    offsets: np.ndarray = None
+
+    def __post_init__(self):
+        n = len(self.labels)
+        if self.offsets is None:
+            self.offsets = np.zeros((0, 2), dtype=np.int64)
+        lengths = {len(self.boxes), len(self.class_prob), len(self.det_score),
+                   len(self.centers), len(self.masks), len(self.offsets)}
+        if lengths != {n}:
+            raise ValueError("all Instances fields must have one entry per instance; got "
+                             f"lengths {sorted(lengths | {n})}")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __repr__(self):
+        return f"Instances(n={len(self)})"
+
+    @classmethod
+    def empty(cls):
+        """No instances."""
+        return cls(boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64),
+                   class_prob=np.zeros(0, np.float32), det_score=np.zeros(0, np.float32),
+                   centers=np.zeros((0, 2), np.float64), masks=[],
+                   offsets=np.zeros((0, 2), np.int64))
+
+    @property
+    def class_names(self):
+        """``'star'`` or ``'galaxy'`` for each instance (ndarray of str)."""
+        return np.asarray(CLASS_NAMES, dtype=str)[self.labels]
+
+    def mask_slices(self, index):
+        """``(slice, slice)`` of the image covered by mask ``index``."""
+        y0, x0 = (int(v) for v in self.offsets[index])
+        h, w = self.masks[index].shape
+        return (slice(y0, y0 + h), slice(x0, x0 + w))
+
+    def select(self, index):
+        """A new `Instances` with the instances ``index`` (int array or bool mask), in that order."""
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        index = index.astype(np.int64, copy=False)
+        return Instances(boxes=self.boxes[index], labels=self.labels[index],
+                         class_prob=self.class_prob[index], det_score=self.det_score[index],
+                         centers=self.centers[index], masks=[self.masks[i] for i in index],
+                         offsets=self.offsets[index])
+
+
+@dataclass
+class _WindowDetections:
+    """Detections of one window, window coordinates, above the score threshold."""
+
+    boxes: np.ndarray  # (n, 4) float32
+    labels: np.ndarray  # (n,) int64
+    class_prob: np.ndarray  # (n,) float32
+    det_score: np.ndarray  # (n,) float32
+    crops: list  # n tuples (float32 2-D array, y0, x0)
+
+
+def _is_int(value):
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_mask_rcnn(model):
+    """Whether ``model`` is a torchvision Mask R-CNN (a GeneralizedRCNN with a mask head)."""
+    return isinstance(model, GeneralizedRCNN) and model.roi_heads.has_mask()
+
+
+def _postprocess_detections(roi_heads, class_logits, box_regression, proposals, image_shapes):
+    """torchvision's ``RoIHeads.postprocess_detections``, one detection per proposal.
+
+    torchvision turns each proposal into one candidate *per class* and runs NMS
+    per class, so one source can come out twice (as a star and as a galaxy),
+    and a source the model is sure of but whose class is uncertain (P(star) ≈
+    P(galaxy) ≈ 0.45) falls below a class-score threshold. Here each proposal
+    gives one candidate: its most probable non-background class, that class's
+    box, ``class_prob = P(class)`` and ``det_score = 1 - P(background)``;
+    candidates above the model's ``score_thresh`` (on ``det_score``) go through
+    one class-agnostic NMS at the model's ``nms_thresh``, ordered by
+    ``det_score``, and at most ``detections_per_img`` are kept.
+    """
+    boxes_per_image = [len(p) for p in proposals]
+    pred_boxes = roi_heads.box_coder.decode(box_regression, proposals)
+    probs = F.softmax(class_logits, -1)
+    out = []
+    for boxes, prob, shape in zip(pred_boxes.split(boxes_per_image, 0),
+                                  probs.split(boxes_per_image, 0), image_shapes, strict=True):
+        boxes = box_ops.clip_boxes_to_image(boxes, shape)
+        foreground = prob[:, 1:]
+        class_prob, best = foreground.max(dim=1)
+        labels = best + 1
+        det_score = foreground.sum(dim=1)  # 1 - P(background), without the cancellation
+        boxes = boxes[torch.arange(len(boxes), device=boxes.device), labels]
+        keep = torch.where(det_score > roi_heads.score_thresh)[0]
+        keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
+        keep = keep[box_ops.nms(boxes[keep], det_score[keep], roi_heads.nms_thresh)]
+        keep = keep[: roi_heads.detections_per_img]
+        out.append((boxes[keep], labels[keep], class_prob[keep], det_score[keep]))
+    return out
+
+
+def _paste_crops(mask_probs, boxes, window_shape):
+    """Resize each (1, M, M) box-relative mask into its box, cropped to the window.
+
+    The same values as torchvision's ``paste_masks_in_image`` (and
+    `deblend.models.mask_rcnn`'s pasting): pad the mask by one pixel, grow the
+    box to match, resize bilinearly; but only the grown box is produced, never
+    a full window per detection. Returns ``(crop, y0, x0)`` tuples, ``crop`` a
+    float32 torch tensor (empty when the box misses the window).
+    """
+    height, width = window_shape
+    if len(boxes) == 0:
+        return []
+    padded, scale = expand_masks(mask_probs, padding=1)
+    grown = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
+    crops = []
+    for index, (x0, y0, x1, y1) in enumerate(grown):
+        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+        xa, xb = max(x0, 0), min(x1 + 1, width)
+        ya, yb = max(y0, 0), min(y1 + 1, height)
+        if xa >= xb or ya >= yb:
+            crops.append((padded.new_zeros((0, 0)), max(ya, 0), max(xa, 0)))
+            continue
+        resized = F.interpolate(padded[index : index + 1], size=(h, w), mode="bilinear",
+                                align_corners=False)
+        crops.append((resized[0, 0, ya - y0 : yb - y0, xa - x0 : xb - x0], ya, xa))
+    return crops
+
+
+def _mask_rcnn_forward(model, images, score_threshold):
+    """Evaluate a torchvision Mask R-CNN on a (B, C, H, W) batch, one detection per proposal.
+
+    The eval path of ``GeneralizedRCNN.forward`` and ``RoIHeads.forward``, with
+    `_postprocess_detections` in place of torchvision's and masks pasted into
+    crops (`_paste_crops`) rather than full windows.
+    """
+    sizes = [tuple(int(s) for s in images.shape[-2:])] * len(images)
+    image_list, _ = model.transform(list(images))
+    features = model.backbone(image_list.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    proposals, _ = model.rpn(image_list, features)
+    heads = model.roi_heads
+    box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_list.image_sizes))
+    class_logits, box_regression = heads.box_predictor(box_features)
+    per_image = _postprocess_detections(heads, class_logits, box_regression, proposals,
+                                        image_list.image_sizes)
+    # Drop what the caller would drop before the (costlier) mask head.
+    per_image = [tuple(t[d >= score_threshold] for t in (b, lab, c, d))
+                 for b, lab, c, d in per_image]
+    mask_boxes = [b for b, _, _, _ in per_image]
+    labels = [lab for _, lab, _, _ in per_image]
+    n_total = sum(len(b) for b in mask_boxes)
+    if n_total:
+        mask_logits = heads.mask_predictor(heads.mask_head(
+            heads.mask_roi_pool(features, mask_boxes, image_list.image_sizes)))
+        index = torch.arange(n_total, device=mask_logits.device)
+        mask_probs = mask_logits[index, torch.cat(labels)].sigmoid()[:, None]
+        mask_probs = mask_probs.split([len(b) for b in mask_boxes], 0)
+    else:
+        mask_probs = [None] * len(per_image)
+    # Map boxes back to the input grid (the identity for deblend's no-resize transform).
+    results = model.transform.postprocess([{"boxes": b} for b in mask_boxes],
+                                          image_list.image_sizes, sizes)
+    out = []
+    for result, (_, lab, cls, det), probs, size in zip(results, per_image, mask_probs, sizes,
+                                                       strict=True):
+        boxes = result["boxes"]
+        crops = [] if probs is None else _paste_crops(probs, boxes, size)
+        out.append(_to_numpy(boxes, lab, cls, det, crops))
+    return out
+
+
+def _generic_forward(model, images, score_threshold):
+    """Call any model returning torchvision-style eval dicts; crop its full-window masks."""
+    outputs = model(images)
+    if len(outputs) != len(images):
+        raise ValueError(f"model returned {len(outputs)} results for a batch of {len(images)} "
+                         "windows; it must return one dict per image")
+    out = []
+    height, width = images.shape[-2:]
+    for result in outputs:
+        scores = result["scores"]
+        det = result.get("det_scores", scores)
+        keep = det >= score_threshold
+        boxes = result["boxes"][keep]
+        masks = result["masks"][keep][:, 0]
+        crops = []
+        if len(boxes):
+            # Crop to the box grown by 1 px, widened to wherever the mask is non-zero.
+            nonzero = masks > 0
+            rows, cols = nonzero.any(dim=2), nonzero.any(dim=1)
+            grown = torch.cat([boxes[:, :2].floor() - 1, boxes[:, 2:].ceil() + 1], dim=1)
+            for i, (bx0, by0, bx1, by1) in enumerate(grown.to(torch.int64).tolist()):
+                ys = torch.nonzero(rows[i]).flatten().tolist()
+                xs = torch.nonzero(cols[i]).flatten().tolist()
+                ya = max(min([by0] + ys[:1]), 0)
+                yb = min(max([by1] + ys[-1:]) + 1, height)
+                xa = max(min([bx0] + xs[:1]), 0)
+                xb = min(max([bx1] + xs[-1:]) + 1, width)
+                crops.append((masks[i, ya:yb, xa:xb].float(), ya, xa))
+        out.append(_to_numpy(boxes, result["labels"][keep], scores[keep], det[keep], crops))
+    return out
+
+
+def _to_numpy(boxes, labels, class_prob, det_score, crops):
+    return _WindowDetections(
+        boxes=boxes.detach().float().cpu().numpy().reshape(-1, 4),
+        labels=labels.detach().cpu().numpy().astype(np.int64),
+        class_prob=class_prob.detach().float().cpu().numpy(),
+        det_score=det_score.detach().float().cpu().numpy(),
+        crops=[(c.detach().float().cpu().numpy(), int(y0), int(x0)) for c, y0, x0 in crops],
+    )
+
+
+def _keep_owned(detections, window, bad):
+    """Instance fields (global coordinates) of the detections whose centre the window owns.
+
+    Dropped: detections with an all-zero mask, centres outside the window's
+    core, and centres on a masked pixel.
+    """
+    ny, nx = bad.shape
+    rows = []
+    for i, (crop, y0, x0) in enumerate(detections.crops):
+        total = float(crop.sum(dtype=np.float64))
+        if not total > 0:
+            continue
+        h, w = crop.shape
+        cx = float(crop.sum(axis=0, dtype=np.float64) @ np.arange(w)) / total + x0 + window.x0
+        cy = float(crop.sum(axis=1, dtype=np.float64) @ np.arange(h)) / total + y0 + window.y0
+        if not window.owns(cx, cy):
+            continue
+        iy = min(max(math.floor(cy + 0.5), 0), ny - 1)
+        ix = min(max(math.floor(cx + 0.5), 0), nx - 1)
+        if bad[iy, ix]:
+            continue
+        rows.append((i, cx, cy, crop.astype(np.float16), y0 + window.y0, x0 + window.x0))
+    if not rows:
+        return None
+    index = np.array([r[0] for r in rows], dtype=np.int64)
+    shift = np.array([window.x0, window.y0, window.x0, window.y0], dtype=np.float32)
+    return Instances(
+        boxes=detections.boxes[index] + shift,
+        labels=detections.labels[index],
+        class_prob=detections.class_prob[index],
+        det_score=detections.det_score[index],
+        centers=np.array([(r[1], r[2]) for r in rows], dtype=np.float64),
+        masks=[r[3] for r in rows],
+        offsets=np.array([(r[4], r[5]) for r in rows], dtype=np.int64),
+    )
+
+
+def _concatenate(parts):
+    parts = [p for p in parts if p is not None and len(p)]
+    if not parts:
+        return Instances.empty()
+    return Instances(
+        boxes=np.concatenate([p.boxes for p in parts]).astype(np.float32, copy=False),
+        labels=np.concatenate([p.labels for p in parts]),
+        class_prob=np.concatenate([p.class_prob for p in parts]),
+        det_score=np.concatenate([p.det_score for p in parts]),
+        centers=np.concatenate([p.centers for p in parts]),
+        masks=[m for p in parts for m in p.masks],
+        offsets=np.concatenate([p.offsets for p in parts]),
+    )
+
+
+def _check_model_device(model, device):
+    parameters = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
+    parameter = next(iter(parameters), None)
+    if parameter is not None and parameter.device != device and not (
+            parameter.device.type == device.type and device.index is None):
+        raise ValueError(f"model is on {parameter.device} but device={str(device)!r}; move it "
+                         f"with model.to({str(device)!r}) or load it with "
+                         f"load_weights(..., device={str(device)!r})")
+
+
+def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_size=4,
+           device="cpu", score_threshold=0.5, skip_empty=True, progress=False):
+    """Detect and segment every source of an image with an instance segmenter.
+
+    The image is cut into overlapping windows (`deblend.tiling.make_windows`);
+    windows with no signal are skipped (`deblend.tiling.has_signal`); the rest
+    go through the model in batches of ``(B, 1, H, W)`` float32 tensors under
+    `torch.inference_mode`. Each detection is kept from the one window whose
+    core holds its mask-weighted centre, unless that centre is a masked pixel;
+    its soft mask is stored cropped (`Instances`). See the module docstring
+    for the stitching assumptions.
+
+    For a torchvision Mask R-CNN (`deblend.models.build_mask_rcnn`,
+    `deblend.models.load_weights`) each region proposal gives at most one
+    detection, its most probable class, and detections are suppressed across
+    classes (torchvision's own post-processing gives one per class and
+    suppresses per class, so one source could be kept as both a star and a
+    galaxy); boxes and masks are otherwise torchvision's. Any other model is
+    called as ``model(batch)`` and must return, per window, a dict with
+    ``boxes`` (n, 4), ``labels`` (n,), ``scores`` (n,), ``masks`` (n, 1, H, W)
+    and optionally ``det_scores`` (n,).
+
+    Parameters
+    ----------
+    normalized : ndarray, shape (ny, nx)
+        The normalised detection image, ``prepare(image).normalized()``.
+        Non-finite pixels are treated as masked.
+    model : torch.nn.Module
+        The segmenter, already on ``device``; it is evaluated in eval mode
+        (its mode is restored afterwards).
+    mask : ndarray of bool, shape (ny, nx), optional
+        True where pixels are masked: they are fed to the model as 0 and no
+        detection centred on one is kept.
+    window_size : int, optional
+        Window side in pixels; multiples of 64 waste no padding.
+    overlap : int, optional
+        Pixels shared by neighbouring windows, < ``window_size / 2``. Sources
+        whose mask reaches farther than ``overlap // 2`` from their centre
+        may be cut at a window edge.
+    batch_size : int, optional
+        Windows per model call.
+    device : str or torch.device, optional
+        Where the model runs (``'cpu'``, ``'cuda'``).
+    score_threshold : float, optional
+        Keep detections with ``det_score >= score_threshold`` (see `Instances`).
+    skip_empty : bool, optional
+        Skip windows where `deblend.tiling.has_signal` finds nothing.
+    progress : bool, optional
+        Show a progress bar over the batches.
+
+    Returns
+    -------
+    Instances
+        Sorted by centre, ``y`` then ``x``. Empty (length 0) when nothing is found.
+
+    Raises
+    ------
+    ValueError
+        If an argument is invalid or the model is not on ``device``.
+    """
+    image = np.array(normalized, dtype=np.float32)  # a copy: masked pixels are zeroed below
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"normalized must be a non-empty 2-D image (ny, nx), got shape "
+                         f"{image.shape}; pass prepare(image).normalized()")
+    bad = ~np.isfinite(image)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != image.shape:
+            raise ValueError(f"mask shape {mask.shape} must equal the image shape {image.shape}")
+        bad |= mask
+    image[bad] = 0.0
+    if not _is_int(window_size) or window_size < 1:
+        raise ValueError(f"window_size must be a positive integer, got {window_size!r}; e.g. 256")
+    if not _is_int(overlap) or overlap < 0 or 2 * overlap >= window_size:
+        raise ValueError(f"overlap must be an integer in [0, window_size/2) = "
+                         f"[0, {window_size / 2:g}), got {overlap!r}; lower overlap or raise "
+                         "window_size")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}; e.g. 4")
+    if (not isinstance(score_threshold, Real) or isinstance(score_threshold, bool)
+            or not 0 <= score_threshold <= 1):
+        raise ValueError(f"score_threshold must be a number in [0, 1], got {score_threshold!r}; "
+                         "e.g. 0.5")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be e.g. 'cpu' or 'cuda', got {device!r}") from error
+    _check_model_device(model, device)
+
+    windows = make_windows(image.shape, size=window_size, overlap=overlap)
+    if skip_empty:
+        todo = [w for w in windows if has_signal(image[w.slices], bad[w.slices])]
+    else:
+        todo = windows
+    log.debug("detect: %d windows of %s, %d with signal", len(windows), windows[0].shape,
+              len(todo))
+    forward = _mask_rcnn_forward if _is_mask_rcnn(model) else _generic_forward
+    parts = []
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        with torch.inference_mode():
+            batches = iter_batches(todo, batch_size)
+            for batch in tqdm(batches, total=math.ceil(len(todo) / batch_size), unit="batch",
+                              desc="detect", disable=not progress):
+                tensor = torch.from_numpy(np.stack([image[w.slices] for w in batch]))
+                tensor = tensor[:, np.newaxis].to(device)
+                for window, found in zip(batch, forward(model, tensor, float(score_threshold)),
+                                         strict=True):
+                    parts.append(_keep_owned(found, window, bad))
+    finally:
+        model.train(was_training)
+    instances = _concatenate(parts)
+    order = np.lexsort((instances.centers[:, 0], instances.centers[:, 1]))
+    log.info("detect: %d instances from %d of %d windows", len(instances), len(todo),
+             len(windows))
+    return instances.select(order)
+
+
+def instances_to_labels(instances, shape, *, mask_threshold=0.5, mask=None):
+    """Resolve overlapping soft masks into one label map.
+
+    Each pixel goes to the instance with the highest soft-mask value there,
+    among those whose value is at least ``mask_threshold``; equal values go to
+    the higher ``det_score``, then to the lower index. Instances left with no
+    pixel are dropped; the others are labelled 1..N in their order in
+    ``instances`` (`detect` sorts by centre, y then x), so catalog row ``i`` ↔
+    label ``i + 1`` ↔ ``instances`` index ``keep[i]``. Works in each
+    instance's crop: time and memory scale with the crops' area, not with
+    the number of instances times the image.
+
+    Parameters
+    ----------
+    instances : Instances
+    shape : tuple of int
+        ``(ny, nx)`` of the image.
+    mask_threshold : float, optional
+        Least soft-mask value for a pixel to belong to an instance, in (0, 1].
+    mask : ndarray of bool, shape (ny, nx), optional
+        Pixels left at 0 (e.g. the image's masked pixels).
+
+    Returns
+    -------
+    labels : ndarray of int32, shape (ny, nx)
+        0 = background, 1..N.
+    keep : ndarray of int64, shape (N,)
+        Increasing indices into ``instances`` of the labelled instances:
+        ``instances.select(keep)`` is row-aligned with the catalog.
+
+    Raises
+    ------
+    ValueError
+        If ``shape``, ``mask_threshold`` or ``mask`` is invalid.
+    """
+    try:
+        dims = tuple(int(n) for n in shape)
+    except (TypeError, ValueError):
+        dims = ()
+    if len(dims) != 2 or min(dims) < 1:
+        raise ValueError(f"shape must be two positive integers (ny, nx), got {shape!r}")
+    if (not isinstance(mask_threshold, Real) or isinstance(mask_threshold, bool)
+            or not 0 < mask_threshold <= 1):
+        raise ValueError(f"mask_threshold must be a number in (0, 1], got {mask_threshold!r}; "
+                         "e.g. 0.5")
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != dims:
+            raise ValueError(f"mask shape {mask.shape} must equal shape {dims}")
+    best = np.zeros(dims, dtype=np.float32)
+    owner = np.full(dims, -1, dtype=np.int64)
+    # Highest det_score first, strict '>' below: an equal value never takes a pixel from
+    # an instance already processed, so ties go to the higher score, then the lower index.
+    order = np.argsort(-np.asarray(instances.det_score, dtype=np.float64), kind="stable")
+    threshold = np.float32(mask_threshold)
+    for i in order:
+        region = instances.mask_slices(i)
+        values = instances.masks[i].astype(np.float32)
+        # clip crops that reach past the image (never from detect, possible by hand)
+        y0, x0 = region[0].start, region[1].start
+        values = values[max(-y0, 0):, max(-x0, 0):]
+        region = (slice(max(y0, 0), region[0].stop), slice(max(x0, 0), region[1].stop))
+        sub_best = best[region]
+        values = values[: sub_best.shape[0], : sub_best.shape[1]]
+        wins = (values >= threshold) & (values > sub_best)
+        sub_best[wins] = values[wins]
+        owner[region][wins] = i
+    if mask is not None:
+        owner[mask] = -1
+    counts = np.bincount(owner.ravel() + 1, minlength=len(instances) + 1)[1:]
+    keep = np.flatnonzero(counts)
+    lut = np.zeros(len(instances) + 1, dtype=np.int32)
+    lut[keep + 1] = np.arange(1, len(keep) + 1, dtype=np.int32)
+    return lut[owner + 1], keep.astype(np.int64)

@@ -1,0 +1,175 @@
+"""Tests of the ``deblend`` command (deblend.cli.main)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from deblend._version import __version__
+from deblend.cli import build_parser, main
+from deblend.io import read_catalog
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """main() configures the root logger and captures warnings: undo it after each test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    logging.captureWarnings(False)
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def outputs(outdir):
+    return sorted(p.name for p in outdir.iterdir()) if outdir.exists() else []
+
+
+def test_run_good_input(scene_file, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    assert main(["run", str(scene_file), "-o", str(outdir)]) == 0
+    assert outputs(outdir) == ["scene_cat.fits", "scene_seg.fits"]
+    assert len(read_catalog(outdir / "scene_cat.fits")) == 3
+    captured = capsys.readouterr()
+    assert "1 of 1 inputs deblended, 3 sources, 0 failed" in captured.out
+
+
+def test_run_quiet_prints_nothing(scene_file, tmp_path, capsys):
+    assert main(["-q", "run", str(scene_file), "-o", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+
+
+def test_run_one_bad_input(scene_file, bad_files, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    bad = bad_files["truncated_data"]
+    status = main(["run", str(scene_file), str(bad), "-o", str(outdir)])
+    assert status == 1
+    assert outputs(outdir) == ["scene_cat.fits", "scene_seg.fits"]
+    captured = capsys.readouterr()
+    assert "1 of 2 inputs deblended" in captured.err
+    assert f"FAILED {bad}" in captured.err and "truncated" in captured.err
+
+
+def test_run_directory_with_bad_files(tmp_path, write_fits, make_scene, bad_files, capsys):
+    write_fits("in/good.fits", make_scene())
+    for kind in ("not_fits", "header_only"):
+        shutil.copy(bad_files[kind], tmp_path / "in" / bad_files[kind].name)
+    outdir = tmp_path / "out"
+    assert main(["run", str(tmp_path / "in"), "-o", str(outdir)]) == 1
+    assert outputs(outdir) == ["good_cat.fits", "good_seg.fits"]
+    err = capsys.readouterr().err
+    assert "notfits.fits" in err and "header_only.fits" in err
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("ecsv", ".ecsv"), ("csv", ".csv"),
+                                          ("parquet", ".parquet"), ("votable", ".xml")])
+def test_run_format(scene_file, tmp_path, fmt, ext):
+    outdir = tmp_path / "out"
+    assert main(["-q", "run", str(scene_file), "-o", str(outdir), "--format", fmt]) == 0
+    assert outputs(outdir) == [f"scene_cat{ext}", "scene_seg.fits"]
+    np.testing.assert_array_equal(np.asarray(read_catalog(outdir / f"scene_cat{ext}")["label"]),
+                                  [1, 2, 3])
+
+
+def test_run_photutils_with_options(scene_file, tmp_path):
+    outdir = tmp_path / "out"
+    argv = ["-q", "run", "--method", "photutils", "--thresh", "2", "--minarea", "4",
+            "--deblend-nthresh", "16", "--deblend-cont", "0.01", str(scene_file), "-o", str(outdir)]
+    assert main(argv) == 0
+    assert read_catalog(outdir / "scene_cat.fits").meta["METHOD"] == "photutils"
+
+
+def test_run_existing_outputs(scene_file, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    argv = ["-q", "run", str(scene_file), "-o", str(outdir)]
+    assert main(argv) == 0
+    assert main(argv) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_run_bands(tmp_path, write_fits, make_scene, make_header):
+    paths = []
+    for i, band in enumerate("grz"):
+        hdu = fits.PrimaryHDU(make_scene(seed=i), header=make_header())
+        hdu.header["FILTER"] = band
+        paths.append(str(write_fits(f"img_{band}.fits", hdu)))
+    outdir = tmp_path / "out"
+    assert main(["-q", "run", "--bands", *paths, "-o", str(outdir)]) == 0
+    assert outputs(outdir) == ["img_g_cat.fits", "img_g_seg.fits"]
+    catalog = read_catalog(outdir / "img_g_cat.fits")
+    assert {"segment_flux_g", "segment_flux_r", "segment_flux_z", "ra", "dec"} <= set(
+        catalog.colnames)
+
+
+def test_run_hdu_and_mask_bits(tmp_path, write_fits, scene):
+    mask = np.zeros(scene.shape, np.int32)
+    mask[:, :32] = 8  # bad bit over the left half
+    hdus = [fits.ImageHDU(np.ones((4, 4), np.float32), name="JUNK"),
+            fits.ImageHDU(scene, name="SCI"), fits.ImageHDU(mask, name="MASK")]
+    path = write_fits("mef.fits", hdus)
+    for hdu in ("SCI", "2"):
+        outdir = tmp_path / f"out_{hdu}"
+        assert main(["-q", "run", str(path), "--hdu", hdu, "-o", str(outdir)]) == 0
+        assert len(read_catalog(outdir / "mef_cat.fits")) == 3
+    outdir = tmp_path / "out_bits"
+    argv = ["-q", "run", str(path), "--hdu", "SCI", "--mask-bits", "0x8", "-o", str(outdir)]
+    assert main(argv) == 0
+    catalog = read_catalog(outdir / "mef_cat.fits")  # the source at x = 16 is masked
+    assert len(catalog) == 2 and (np.asarray(catalog["x_centroid"]) > 32).all()
+
+
+def test_run_missing_input(tmp_path):
+    assert main(["-q", "run", str(tmp_path / "nope.fits"), "-o", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_no_fits_found(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["-q", "run", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"deblend {__version__}"
+
+
+def test_unknown_method(scene_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--method", "magic", str(scene_file), "-o", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["run"], ["run", "x.fits"], ["run", "x.fits", "-o", "out", "--format", "hdf5"],
+     ["run", "x.fits", "-o", "out", "--thresh", "abc"]],
+)
+def test_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "run" in out and "simulate" in out and "evaluate" in out
+
+
+def test_invalid_option_value_is_a_usage_error(scene_file, tmp_path):
+    argv = ["-q", "run", "--minarea", "0", str(scene_file), "-o", str(tmp_path / "out")]
+    assert main(argv) == 2

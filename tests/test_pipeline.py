@@ -1,0 +1,175 @@
+"""Tests of deblend.pipeline (Deblender) and deblend.result (DeblendResult.write)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from deblend.exceptions import InputError, NoSourcesWarning
+from deblend.io import Image, read_catalog, read_segmentation
+from deblend.pipeline import METHODS, Deblender
+from deblend.result import DeblendResult, output_paths
+
+METHOD_NAMES = ["sep", "photutils"]
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    """An empty output directory apart from the inputs."""
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+def check_result(result, n_sources):
+    assert isinstance(result, DeblendResult)
+    assert result.labels.dtype == np.int32 and result.labels.shape == result.image.shape
+    assert result.n_sources == n_sources == len(result.catalog)
+    present = np.unique(result.labels[result.labels > 0])
+    np.testing.assert_array_equal(present, np.arange(1, n_sources + 1))
+    np.testing.assert_array_equal(np.asarray(result.catalog["label"]), present)
+    assert result.catalog.colnames[0] == "label"
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_run_on_array(scene, method):
+    result = Deblender(method).run(scene)
+    check_result(result, 3)
+    assert result.method == method and result.weights_id is None
+    assert result.catalog.meta["method"] == method
+    assert result.image.path == "<array>"
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_run_on_file(scene_file, method):
+    for given in (scene_file, str(scene_file), [scene_file]):
+        result = Deblender(method).run(given)
+        check_result(result, 3)
+        assert result.image.path == str(scene_file)
+        assert {"ra", "dec", "sky_centroid"} <= set(result.catalog.colnames)
+
+
+def test_run_on_image_and_bands(write_fits, make_scene):
+    paths = []
+    for i, band in enumerate("gr"):
+        hdu = fits.PrimaryHDU(make_scene(seed=i))
+        hdu.header["FILTER"] = band
+        paths.append(write_fits(f"f_{band}.fits", hdu))
+    result = Deblender("sep").run(paths)
+    check_result(result, 3)
+    assert {"segment_flux_g", "segment_flux_r"} <= set(result.catalog.colnames)
+    result = Deblender("sep").run(Image.from_array(make_scene()))
+    check_result(result, 3)
+
+
+def test_read_options_passed(write_fits, scene):
+    path = write_fits("two.fits", [fits.ImageHDU(np.zeros((8, 8), np.float32) + 1, name="JUNK"),
+                                   fits.ImageHDU(scene, name="SCI")])
+    assert Deblender("sep").run(path, hdu="SCI").n_sources == 3
+
+
+def test_run_bad_file_raises_input_error(bad_files):
+    with pytest.raises(InputError, match="not a FITS"):
+        Deblender("sep").run(bad_files["not_fits"])
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_no_sources_warns_and_gives_empty_outputs(rng, method, tmp_path):
+    noise = rng.normal(0.0, 1.0, (64, 64)).astype(np.float32)
+    with pytest.warns(NoSourcesWarning, match="no sources"):
+        result = Deblender(method, thresh=50.0).run(noise)
+    assert result.n_sources == 0 and not result.labels.any()
+    paths = result.write(tmp_path, stem="noise")
+    assert len(read_catalog(paths["catalog"])) == 0
+    assert not read_segmentation(paths["segmentation"])[0].any()
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_write_both_files(scene_file, method, tmp_path):
+    result = Deblender(method).run(scene_file)
+    outdir = tmp_path / "out"
+    paths = result.write(outdir)
+    assert paths == output_paths(outdir, "scene")
+    assert sorted(p.name for p in outdir.iterdir()) == ["scene_cat.fits", "scene_seg.fits"]
+    labels, header = read_segmentation(paths["segmentation"])
+    np.testing.assert_array_equal(labels, result.labels)
+    assert header["DBMETHOD"] == method and header["DBINPUT"] == "scene.fits"
+    assert WCS(header).has_celestial
+    catalog = read_catalog(paths["catalog"])
+    np.testing.assert_array_equal(np.asarray(catalog["label"]), np.arange(1, 4))
+    assert "ra" in catalog.colnames and "sky_centroid" not in catalog.colnames
+
+
+def test_write_formats_and_overwrite(scene_file, out_dir):
+    result = Deblender("sep").run(scene_file)
+    paths = result.write(out_dir, format="ecsv", stem="x")
+    assert paths["catalog"].name == "x_cat.ecsv"
+    assert "sky_centroid" in read_catalog(paths["catalog"]).colnames
+    with pytest.raises(FileExistsError, match="overwrite"):
+        result.write(out_dir, format="ecsv", stem="x")
+    result.write(out_dir, format="ecsv", stem="x", overwrite=True)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["x_cat.ecsv", "x_seg.fits"]
+    with pytest.raises(ValueError, match="format"):
+        result.write(out_dir, format="hdf5")
+
+
+def test_write_refuses_when_only_catalog_exists(scene_file, out_dir):
+    result = Deblender("sep").run(scene_file)
+    (out_dir / "scene_cat.fits").write_text("old")
+    with pytest.raises(FileExistsError):
+        result.write(out_dir)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["scene_cat.fits"]  # nothing new written
+
+
+def test_write_failure_leaves_no_files(scene_file, out_dir, monkeypatch):
+    import deblend.result
+
+    result = Deblender("sep").run(scene_file)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(deblend.result, "write_catalog", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        result.write(out_dir)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="method must be one of.*'magic'"):
+        Deblender("magic")
+    assert set(METHODS) >= {"sep", "photutils"}
+
+
+def test_options_translation():
+    sep_d = Deblender("sep", thresh=3.0, minarea=7, deblend_nthresh=16, deblend_cont=0.01)
+    assert sep_d.options == {"thresh": 3.0, "minarea": 7, "deblend_nthresh": 16,
+                             "deblend_cont": 0.01}
+    phot = Deblender("photutils", thresh=3.0, minarea=7, deblend_nthresh=16, deblend_cont=0.01)
+    assert phot.options == {"nsigma": 3.0, "n_pixels": 7, "n_levels": 16, "contrast": 0.01}
+    assert Deblender("photutils").options == {}
+    merged = Deblender("photutils", thresh=2.0, method_options={"kernel_fwhm": 3.0})
+    assert merged.options == {"kernel_fwhm": 3.0, "nsigma": 2.0}
+    config = merged.config()
+    assert config["method"] == "photutils" and config["options"]["nsigma"] == 2.0
+    assert "photutils" in repr(merged)
+
+
+def test_options_reach_the_method(scene):
+    with pytest.warns(NoSourcesWarning):
+        assert Deblender("photutils", thresh=1000.0).run(scene).n_sources == 0
+    with pytest.warns(NoSourcesWarning):
+        assert Deblender("sep", minarea=5000).run(scene).n_sources == 0
+
+
+def test_invalid_option_value_raises(scene):
+    with pytest.raises(ValueError, match="nsigma"):
+        Deblender("photutils", thresh=-1.0).run(scene)
+
+
+def test_deterministic(scene):
+    a = Deblender("sep").run(scene)
+    b = Deblender("sep").run(scene)
+    np.testing.assert_array_equal(a.labels, b.labels)
