@@ -327,7 +327,8 @@ def _celestial_wcs(path, header):
             naxis = header.get("ZNAXIS", header.get("NAXIS", 2))
             wcs = WCS(header, naxis=2) if naxis >= 2 else WCS(header)
     except Exception as exc:  # astropy raises many types for broken WCS keywords
-        warnings.warn(f"{path}: broken WCS ignored ({exc}); pixel outputs are still written", WCSWarning)
+        warnings.warn(f"{path}: broken WCS ignored ({exc}); pixel outputs are still written", WCSWarning,
+                      stacklevel=2)
         return None
     # astropy replaces a non-numeric CRPIX/CDELT/... by a default (CDELT = 1 deg) with only a
     # warning: such a WCS would put every source at a wrong sky position
@@ -477,7 +478,7 @@ def read_image(paths, *, hdu=None, variance_hdu=None, weight_hdu=None, mask_hdu=
     if len(parts) == 1:
         cube, extra, variance, header, wcs, names = parts[0]
     else:
-        shapes = {str(p): part[0].shape for p, part in zip(paths, parts)}
+        shapes = {str(p): part[0].shape for p, part in zip(paths, parts, strict=True)}
         if len({s for s in shapes.values()}) > 1 or any(s[0] != 1 for s in shapes.values()):
             raise InputError(paths[0], f"bands given together must be single-band images of one shape, got {shapes}")
         cube = np.concatenate([part[0] for part in parts])
@@ -608,7 +609,8 @@ def write_image(path, data, *, header=None, wcs=None, extensions=None, overwrite
     hdr = _base_header(None, wcs)
     if header is not None:
         for card in header.cards:
-            if card.keyword in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "", "COMMENT", "HISTORY") or card.keyword.startswith("NAXIS"):
+            structural = ("SIMPLE", "BITPIX", "EXTEND", "", "COMMENT", "HISTORY")
+            if card.keyword in structural or card.keyword.startswith("NAXIS"):
                 continue
             hdr[card.keyword] = (card.value, card.comment)
     hdus = [fits.PrimaryHDU(data=data, header=hdr)]

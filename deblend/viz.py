@@ -98,7 +98,7 @@ def plot_comparison(image, label_maps, *, stretch="asinh", panel_size=4.0, title
     axes = fig.subplots(1, n, sharex=True, sharey=True)
     show_image(axes[0], image, stretch=stretch)
     axes[0].set_title("image")
-    for ax, (name, labels) in zip(axes[1:], label_maps.items()):
+    for ax, (name, labels) in zip(axes[1:], label_maps.items(), strict=True):
         show_image(ax, image, stretch=stretch)
         overlay_segmentation(ax, labels)
         ax.set_title(f"{name} ({int(np.unique(labels[labels > 0]).size)} sources)")

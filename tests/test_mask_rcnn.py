@@ -1,0 +1,351 @@
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from deblend.models import (
+    CLASS_NAMES,
+    build_mask_rcnn,
+    count_parameters,
+    load_weights,
+    model_config,
+    save_weights,
+)
+from deblend.models.mask_rcnn import _paste_masks
+
+torch.set_num_threads(2)
+
+
+def _scene(ny=64, nx=64, seed=0):
+    """A detection-image tile with one star and one galaxy, and its targets."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:ny, :nx]
+    image = rng.normal(0.0, 1.0, (ny, nx))
+    sources = [(20.0, 22.0, 1.5, 80.0, 1), (42.0, 40.0, 4.0, 40.0, 2)]  # x, y, sigma, peak, class
+    boxes, labels, masks = [], [], []
+    for cx, cy, sigma, peak, label in sources:
+        profile = peak * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+        image += profile
+        mask = profile > 1.0
+        rows, cols = np.nonzero(mask)
+        boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+        labels.append(label)
+        masks.append(mask)
+    image = torch.from_numpy(np.arcsinh(image).astype(np.float32))[None]
+    target = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "masks": torch.from_numpy(np.array(masks, dtype=np.uint8)),
+    }
+    return image, target
+
+
+def _empty_target(ny=64, nx=64):
+    return {
+        "boxes": torch.zeros((0, 4), dtype=torch.float32),
+        "labels": torch.zeros((0,), dtype=torch.int64),
+        "masks": torch.zeros((0, ny, nx), dtype=torch.uint8),
+    }
+
+
+@pytest.fixture(scope="module")
+def eval_model():
+    return build_mask_rcnn(seed=0).eval()
+
+
+def test_build_defaults():
+    model = build_mask_rcnn(seed=0)
+    assert isinstance(model, MaskRCNN)
+    assert model.training
+    assert CLASS_NAMES == ("background", "star", "galaxy")
+    config = model_config(model)
+    assert config["backbone"] == "small"
+    assert config["num_classes"] == len(CLASS_NAMES)
+    assert config["box_detections_per_img"] == 300
+    assert config["box_nms_thresh"] > 0.5
+    assert config["anchor_sizes"] == ((4,), (8,), (16,), (32,), (64,))
+    assert model.roi_heads.detections_per_img == 300
+    assert model.roi_heads.nms_thresh == config["box_nms_thresh"]
+    assert model.rpn._post_nms_top_n["testing"] == config["rpn_post_nms_top_n_test"]
+    assert model.transform.image_mean == [0.0] and model.transform.image_std == [1.0]
+    # every parameter trains (from scratch), with ordinary batch norm
+    assert count_parameters(model, trainable_only=True) == count_parameters(model)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    # the stored config rebuilds the same architecture and initialisation
+    again = build_mask_rcnn(**config)
+    assert model_config(again) == config
+    state, state_again = model.state_dict(), again.state_dict()
+    assert state.keys() == state_again.keys()
+    assert all(torch.equal(state[k], state_again[k]) for k in state)
+
+
+def test_seed_is_reproducible_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_mask_rcnn(seed=7)
+    assert torch.equal(torch.rand(3), expected)
+    b = build_mask_rcnn(seed=7)
+    c = build_mask_rcnn(seed=8)
+    name = "backbone.body.stem.0.weight"
+    assert torch.equal(a.state_dict()[name], b.state_dict()[name])
+    assert not torch.equal(a.state_dict()[name], c.state_dict()[name])
+
+
+def test_eval_forward_shapes(eval_model):
+    image, _ = _scene()
+    with torch.inference_mode():
+        (out,) = eval_model([image])
+    n = out["boxes"].shape[0]
+    assert 0 < n <= 300
+    assert out["boxes"].shape == (n, 4)
+    assert out["labels"].shape == (n,) and out["labels"].dtype == torch.int64
+    assert out["scores"].shape == (n,)
+    assert out["masks"].shape == (n, 1, 64, 64)
+    assert set(out["labels"].tolist()) <= {1, 2}
+    assert float(out["masks"].min()) >= 0.0 and float(out["masks"].max()) <= 1.0
+
+
+def test_no_resizing_odd_size(eval_model):
+    image = torch.randn(1, 72, 100, generator=torch.Generator().manual_seed(1))
+    image_list, _ = eval_model.transform([image])
+    assert image_list.image_sizes == [(72, 100)]
+    assert image_list.tensors.shape == (1, 1, 128, 128)  # zero-padded to a multiple of 64
+    assert torch.equal(image_list.tensors[0, :, :72, :100], image)  # mean 0, std 1
+    with torch.inference_mode():
+        (out,) = eval_model([image])
+    assert out["masks"].shape[-2:] == (72, 100)
+    boxes = out["boxes"]
+    assert bool((boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 100).all())
+    assert bool((boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 72).all())
+
+
+def test_training_targets_keep_their_coordinates():
+    model = build_mask_rcnn(seed=0).train()
+    image, target = _scene()
+    image = torch.nn.functional.pad(image, (0, 36, 0, 8))  # (1, 72, 100)
+    target["masks"] = torch.nn.functional.pad(target["masks"], (0, 36, 0, 8))
+    image_list, targets = model.transform([image], [target])
+    assert image_list.image_sizes == [(72, 100)]
+    assert torch.equal(targets[0]["boxes"], target["boxes"])
+    assert torch.equal(targets[0]["masks"], target["masks"])
+
+
+def test_roi_pool_scales_fixed_for_any_tile_size(eval_model):
+    # torchvision would infer (and cache) 1/2 for a 40-px-high tile padded to 64.
+    with torch.inference_mode():
+        (out,) = eval_model([torch.randn(1, 40, 64)])
+    assert out["masks"].shape[-2:] == (40, 64)
+    for pool in (eval_model.roi_heads.box_roi_pool, eval_model.roi_heads.mask_roi_pool):
+        assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+
+
+def test_wrong_channel_count_is_rejected(eval_model):
+    with pytest.raises(ValueError, match=r"shape \(1, H, W\)"):
+        eval_model([torch.zeros(3, 64, 64)])
+
+
+def test_empty_prediction(eval_model):
+    model = build_mask_rcnn(seed=0, box_score_thresh=1.0).eval()
+    with torch.inference_mode():
+        (out,) = model([torch.zeros(1, 64, 48)])
+    assert out["boxes"].shape == (0, 4)
+    assert out["labels"].shape == (0,) and out["scores"].shape == (0,)
+    assert out["masks"].shape == (0, 1, 64, 48)
+
+
+def test_train_losses_finite_and_backward():
+    torch.manual_seed(0)
+    model = build_mask_rcnn(seed=0).train()
+    image, target = _scene()
+    other, other_target = _scene(seed=1)
+    losses = model([image, other], [target, other_target])
+    expected = {
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_mask",
+        "loss_objectness",
+        "loss_rpn_box_reg",
+    }
+    assert set(losses) == expected
+    assert all(math.isfinite(v.detach().item()) for v in losses.values())
+    assert losses["loss_mask"].item() > 0
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_image_without_objects_trains():
+    torch.manual_seed(0)
+    model = build_mask_rcnn(seed=0).train()
+    image = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(2))
+    losses = model([image], [_empty_target()])
+    assert all(math.isfinite(v.detach().item()) for v in losses.values())
+    assert losses["loss_box_reg"].item() == 0.0
+    assert losses["loss_mask"].item() == 0.0
+    assert losses["loss_rpn_box_reg"].item() == 0.0
+    sum(losses.values()).backward()
+    # and mixed in a batch with an image that has sources
+    scene, target = _scene()
+    losses = model([image, scene], [_empty_target(), target])
+    assert all(math.isfinite(v.detach().item()) for v in losses.values())
+
+
+def test_trainable_backbone_layers_freezes_bottom_units():
+    model = build_mask_rcnn(seed=0, trainable_backbone_layers=3).train()
+    body = model.backbone.body
+    assert not any(p.requires_grad for p in body.stem.parameters())
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    assert not body.stem[1].training  # frozen batch norm keeps its statistics
+    assert body.layer2[0].bn1.training
+    assert count_parameters(model, trainable_only=True) < count_parameters(model)
+
+
+def test_resnet18_backbone_runs():
+    model = build_mask_rcnn(backbone="resnet18", seed=0).eval()
+    assert model_config(model)["fpn_channels"] == 128
+    assert count_parameters(model) > 4 * count_parameters(build_mask_rcnn())
+    with torch.inference_mode():
+        (out,) = model([torch.randn(1, 64, 64)])
+    assert out["masks"].shape[-2:] == (64, 64)
+
+
+def test_paste_masks_matches_torchvision():
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(40, 1, 28, 28, generator=g)
+    xy = torch.rand(40, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 20 + 0.5], dim=1).clamp(max=59)
+    assert torch.equal(
+        _paste_masks(masks, boxes, (64, 60)), paste_masks_in_image(masks, boxes, (64, 60))
+    )
+    assert _paste_masks(masks[:0], boxes[:0], (64, 60)).shape == (0, 1, 64, 60)
+
+
+def test_save_load_round_trip(tmp_path, eval_model):
+    path = tmp_path / "mask_rcnn.pt"
+    metadata = {"training_set": "unit test", "epochs": 0, "metrics": {"f1": None}}
+    digest = save_weights(eval_model, path, metadata=metadata)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [p.name for p in tmp_path.iterdir()] == ["mask_rcnn.pt"]  # no temp file left
+
+    payload = torch.load(path, weights_only=True)
+    assert payload["config"] == model_config(eval_model)
+    assert payload["metadata"] == metadata
+    assert payload["state_dict"]["backbone.body.stem.0.weight"].dtype == torch.float16
+
+    loaded = load_weights(path, expected_sha256=digest.upper())
+    assert isinstance(loaded, MaskRCNN) and not loaded.training
+    assert model_config(loaded) == model_config(eval_model)
+    assert loaded.deblend_metadata == metadata and loaded.deblend_sha256 == digest
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+
+    # the loaded model is the original with its weights rounded to float16 ...
+    rounded = build_mask_rcnn(**model_config(eval_model))
+    rounded.load_state_dict(
+        {
+            k: v.half().float() if v.is_floating_point() else v
+            for k, v in eval_model.state_dict().items()
+        }
+    )
+    rounded.eval()
+    image, _ = _scene()
+    with torch.inference_mode():
+        (got,) = loaded([image])
+        (want,) = rounded([image])
+        # ... and its features stay within half-precision error of the original
+        features = loaded.backbone(image[None])
+        original = eval_model.backbone(image[None])
+    for key in ("boxes", "labels", "scores", "masks"):
+        assert torch.equal(got[key], want[key])
+    for key in original:
+        torch.testing.assert_close(features[key], original[key], rtol=2e-2, atol=2e-2)
+
+
+def test_load_rejects_wrong_sha256(tmp_path, eval_model):
+    path = tmp_path / "weights.pt"
+    digest = save_weights(eval_model, path, metadata={})
+    with pytest.raises(ValueError, match="sha256") as info:
+        load_weights(path, expected_sha256="0" * 64)
+    assert str(path) in str(info.value) and digest in str(info.value)
+
+
+def test_load_missing_file_says_how_to_get_weights(tmp_path):
+    path = tmp_path / "absent.pt"
+    with pytest.raises(FileNotFoundError, match="train_mask_rcnn.py") as info:
+        load_weights(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_rejects_other_files(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ValueError, match="not a deblend Mask R-CNN weights file"):
+        load_weights(path)
+
+
+def test_load_rejects_mismatched_config(tmp_path, eval_model):
+    path = tmp_path / "future.pt"
+    payload = {
+        "config": {**model_config(eval_model), "attention": True},
+        "state_dict": eval_model.state_dict(),
+        "metadata": {},
+    }
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="does not match"):
+        load_weights(path)
+
+
+def test_save_rejects_bad_metadata_atomically(tmp_path, eval_model):
+    path = tmp_path / "weights.pt"
+    digest = save_weights(eval_model, path, metadata={"v": 1})
+    with pytest.raises(ValueError, match="metadata"):
+        save_weights(eval_model, path, metadata={"v": object()})
+    with pytest.raises(ValueError, match="metadata must be a dict"):
+        save_weights(eval_model, path, metadata=None)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # old file untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.pt"]
+
+
+def test_model_config_requires_a_built_model():
+    with pytest.raises(ValueError, match="build_mask_rcnn"):
+        model_config(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backbone": "resnet50"}, "backbone must be one of"),
+        ({"num_classes": 1}, "num_classes must be an integer >= 2, got 1"),
+        ({"num_classes": 2.5}, "num_classes"),
+        ({"anchor_sizes": (4, 8, 16)}, "anchor_sizes must have 5 entries"),
+        ({"anchor_sizes": (4, 8, -16, 32, 64)}, "anchor_sizes has an invalid entry -16"),
+        ({"anchor_sizes": ((4, 6), 8, 16, 32, 64)}, "same number of sizes"),
+        ({"aspect_ratios": ()}, "aspect_ratios"),
+        ({"box_nms_thresh": 0.0}, r"box_nms_thresh must be a number in \(0, 1\], got 0.0"),
+        ({"box_nms_thresh": 1.5}, "box_nms_thresh"),
+        ({"box_nms_thresh": "0.6"}, "box_nms_thresh must be a number"),
+        ({"box_score_thresh": -0.1}, "box_score_thresh"),
+        ({"box_detections_per_img": 0}, "box_detections_per_img must be an integer >= 1"),
+        ({"rpn_post_nms_top_n_test": True}, "rpn_post_nms_top_n_test"),
+        (
+            {"trainable_backbone_layers": 6},
+            r"trainable_backbone_layers must be an integer in \[0, 5\]",
+        ),
+        ({"mask_head_channels": (128, 0)}, "mask_head_channels"),
+        ({"fpn_channels": 4}, "fpn_channels"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_argument_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_mask_rcnn(**kwargs)
+
+
+def test_builder_is_keyword_only():
+    with pytest.raises(TypeError):
+        build_mask_rcnn("small")
