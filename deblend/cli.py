@@ -34,7 +34,8 @@ def _add_run(sub):
                                    "and skipped; the exit status is 1 when any input failed.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="FITS file(s) and/or directories")
     p.add_argument("-o", "--outdir", required=True, help="output directory")
-    p.add_argument("--method", default="sep", choices=sorted(METHODS), help="deblending method (default: sep)")
+    p.add_argument("--method", default=METHODS[0], choices=METHODS,
+                   help=f"deblending method (default: {METHODS[0]})")
     p.add_argument("--format", default="fits", choices=sorted(CATALOG_FORMATS),
                    help="catalog format (default: fits)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -45,7 +46,14 @@ def _add_run(sub):
     p.add_argument("--mask-bits", type=lambda s: int(s, 0), default=None,
                    help="bits of a MASK HDU that flag bad pixels (e.g. 0x1)")
     p.add_argument("--no-recursive", action="store_true", help="do not search directories recursively")
-    g = p.add_argument_group("detection options (SExtractor names; photutils equivalents in brackets)")
+    n = p.add_argument_group("neural methods")
+    n.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
+    n.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    n.add_argument("--weights", default=None, help="weights name or .pt file (default: the shipped model)")
+    n.add_argument("--score-threshold", type=float, default=0.5, help="minimum detection score (default 0.5)")
+    n.add_argument("--window-size", type=int, default=256, help="network window in pixels (default 256)")
+    n.add_argument("--overlap", type=int, default=48, help="overlap of windows in pixels (default 48)")
+    g = p.add_argument_group("classical options (SExtractor names; photutils equivalents in brackets)")
     g.add_argument("--thresh", type=float, default=None, help="detection threshold in σ [nsigma] (1.5)")
     g.add_argument("--minarea", type=int, default=None, help="minimum pixels per source [n_pixels] (5)")
     g.add_argument("--deblend-nthresh", type=int, default=None, help="deblending levels [n_levels] (32)")
@@ -105,8 +113,15 @@ def _cmd_run(args):
     from deblend.batch import run_batch
     from deblend.pipeline import Deblender
 
-    deblender = Deblender(args.method, thresh=args.thresh, minarea=args.minarea,
-                          deblend_nthresh=args.deblend_nthresh, deblend_cont=args.deblend_cont)
+    try:
+        deblender = Deblender(args.method, thresh=args.thresh, minarea=args.minarea,
+                              deblend_nthresh=args.deblend_nthresh, deblend_cont=args.deblend_cont,
+                              device=args.device, batch_size=args.batch_size, weights=args.weights,
+                              score_threshold=args.score_threshold, window_size=args.window_size,
+                              overlap=args.overlap)
+    except FileNotFoundError as exc:  # missing weights: the message says how to get them
+        log.error("%s", exc)
+        return 2
     hdu = args.hdu
     if hdu is not None and hdu.lstrip("-").isdigit():
         hdu = int(hdu)

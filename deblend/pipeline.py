@@ -12,16 +12,19 @@ from deblend.exceptions import NoSourcesWarning
 from deblend.io import Image, read_image
 from deblend.preprocess import prepare
 from deblend.result import DeblendResult
+from deblend.tiling import make_windows
 
 __all__ = ["Deblender", "METHODS"]
 
 log = logging.getLogger(__name__)
 
-#: Methods `Deblender` knows, with the function that labels a prepared image.
-METHODS = {
+#: Classical methods, with the function that labels a prepared detection image.
+CLASSICAL = {
     "sep": sep_labels,
     "photutils": photutils_labels,
 }
+#: Every method `Deblender` knows; the first is the default.
+METHODS = ("mask-rcnn", "sep", "photutils")
 
 # Generic CLI option -> each method's own parameter name (SExtractor's for sep, photutils' for photutils).
 _OPTION_NAMES = {
@@ -37,8 +40,9 @@ class Deblender:
 
     Parameters
     ----------
-    method : {'sep', 'photutils'}, optional
-        Deblending method.
+    method : {'mask-rcnn', 'sep', 'photutils'}, optional
+        Deblending method: the Mask R-CNN instance segmenter (default), or a
+        classical baseline.
     thresh, minarea, deblend_nthresh, deblend_cont : optional
         Common detection options, translated to each method's own parameter
         (sep: ``thresh``, ``minarea``, ``deblend_nthresh``, ``deblend_cont``;
@@ -52,28 +56,63 @@ class Deblender:
     seed : int, optional
         Seed for any randomness (kept for the neural methods).
     device : str, optional
-        ``'cpu'`` or ``'cuda'`` (used by the neural methods).
+        ``'cpu'`` or ``'cuda'`` (neural methods).
+    weights : str or os.PathLike, optional
+        Mask R-CNN weights: a shipped name or a ``.pt`` file. Default: the
+        shipped ``mask_rcnn_small``.
+    batch_size : int, optional
+        Windows per forward pass (neural methods).
+    window_size, overlap : int, optional
+        Tiling of large images for the network (see `deblend.tiling.make_windows`).
+    score_threshold : float, optional
+        Minimum detection score (1 - P(background)) of a Mask R-CNN instance.
     """
 
-    def __init__(self, method="sep", *, thresh=None, minarea=None, deblend_nthresh=None,
+    def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
-                 device="cpu"):
+                 device="cpu", weights=None, batch_size=4, window_size=256, overlap=48,
+                 score_threshold=0.5):
         if method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         self.method = method
-        options = dict(method_options or {})
-        generic = {"thresh": thresh, "minarea": minarea, "deblend_nthresh": deblend_nthresh,
-                   "deblend_cont": deblend_cont}
-        for key, value in generic.items():
-            if value is not None:
-                options[_OPTION_NAMES[method][key]] = value
-        check_options(method, options)
-        self.options = options
         self.box_size = box_size
         self.filter_size = filter_size
         self.seed = seed
         self.device = device
         self.weights_id = None
+        self.model = None
+        options = dict(method_options or {})
+        if method in CLASSICAL:
+            generic = {"thresh": thresh, "minarea": minarea, "deblend_nthresh": deblend_nthresh,
+                       "deblend_cont": deblend_cont}
+            for key, value in generic.items():
+                if value is not None:
+                    options[_OPTION_NAMES[method][key]] = value
+            check_options(method, options)
+        else:
+            ignored = [k for k, v in {"thresh": thresh, "minarea": minarea, "deblend_nthresh": deblend_nthresh,
+                                      "deblend_cont": deblend_cont}.items() if v is not None]
+            if ignored:
+                raise ValueError(f"options {ignored} apply to the classical methods only, not to {method!r}")
+            if not 0 <= score_threshold <= 1:
+                raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold!r}")
+            if int(batch_size) != batch_size or batch_size < 1:
+                raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            make_windows((window_size, window_size), size=window_size, overlap=overlap)  # validates both
+            options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
+                           score_threshold=score_threshold)
+            self._load_model(weights)
+        self.options = options
+
+    def _load_model(self, weights):
+        import torch
+
+        from deblend.models.registry import DEFAULT_MASK_RCNN, load_mask_rcnn
+
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA GPU is available; use device='cpu'")
+        self.model = load_mask_rcnn(weights or DEFAULT_MASK_RCNN, device=self.device)
+        self.weights_id = self.model.deblend_sha256[:16]
 
     def __repr__(self):
         return f"Deblender(method={self.method!r}, options={self.options!r})"
@@ -108,14 +147,34 @@ class Deblender:
         elif not isinstance(image, Image):
             image = Image.from_array(image)
         prepared = prepare(image, box_size=self.box_size, filter_size=self.filter_size)
-        labels = METHODS[self.method](prepared.detection, prepared.detection_rms,
-                                      mask=prepared.mask, **self.options)
+        instances = None
+        if self.method in CLASSICAL:
+            labels = CLASSICAL[self.method](prepared.detection, prepared.detection_rms,
+                                            mask=prepared.mask, **self.options)
+        else:
+            labels, instances = self._segment(prepared)
         catalog = make_catalog(prepared.data, labels, detection=prepared.detection,
                                error=prepared.background.rms, detection_error=prepared.detection_rms,
                                mask=prepared.mask, wcs=image.wcs, band_names=image.band_names,
                                method=self.method, weights_id=self.weights_id)
+        if instances is not None:
+            catalog["class"] = instances.class_names.astype("U6")
+            catalog["class_prob"] = instances.class_prob.astype("float32")
+            catalog["det_score"] = instances.det_score.astype("float32")
         if len(catalog) == 0:
             warnings.warn(f"{image.path}: no sources detected", NoSourcesWarning, stacklevel=2)
         log.info("%s: %d sources (%s)", image.path, len(catalog), self.method)
         return DeblendResult(labels=labels, catalog=catalog, image=image, method=self.method,
                              weights_id=self.weights_id)
+
+    def _segment(self, prepared):
+        """Mask R-CNN over the normalised detection image → (labels, kept instances in label order)."""
+        from deblend.segment import detect, instances_to_labels
+
+        normalized = prepared.normalized()
+        opts = self.options
+        instances = detect(normalized, model=self.model, mask=prepared.mask, window_size=opts["window_size"],
+                           overlap=opts["overlap"], batch_size=opts["batch_size"], device=self.device,
+                           score_threshold=opts["score_threshold"])
+        labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)
+        return labels, instances.select(keep)

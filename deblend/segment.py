@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
@@ -82,13 +82,11 @@ class Instances:
     class_prob: np.ndarray
     det_score: np.ndarray
     centers: np.ndarray
-    masks: list = field(default_factory=list)
-    offsets: np.ndarray = None
+    masks: list
+    offsets: np.ndarray
 
     def __post_init__(self):
         n = len(self.labels)
-        if self.offsets is None:
-            self.offsets = np.zeros((0, 2), dtype=np.int64)
         lengths = {len(self.boxes), len(self.class_prob), len(self.det_score),
                    len(self.centers), len(self.masks), len(self.offsets)}
         if lengths != {n}:
@@ -153,7 +151,7 @@ def _is_mask_rcnn(model):
 
 
 def _postprocess_detections(roi_heads, class_logits, box_regression, proposals, image_shapes):
-    """torchvision's ``RoIHeads.postprocess_detections``, one detection per proposal.
+    """Do torchvision's ``RoIHeads.postprocess_detections`` with one detection per proposal.
 
     torchvision turns each proposal into one candidate *per class* and runs NMS
     per class, so one source can come out twice (as a star and as a galaxy),

@@ -205,9 +205,9 @@ def has_signal(normalized_window, mask_window=None, *, threshold=0.55, min_pixel
     ``min_pixels`` unmasked smoothed pixels reaches ``threshold``. Meant to
     skip empty or masked windows cheaply (about 1 ms for 256²), not to detect;
     it errs towards keeping. With the defaults (0.55 ≈ 3.7 σ of the smoothed
-    noise), on 256² windows of unit noise: pure noise is skipped about 4 times
-    in 5; a lone Gaussian source of σ = 1.5 px is kept 80 % of the time at peak
-    S/N 2 (integrated S/N 11) and 98 % at peak S/N 2.5.
+    noise), on 256² windows of unit noise: 70-80 % of pure-noise windows are
+    skipped; a window whose only source is a Gaussian of σ = 1.5 px is kept
+    80 % of the time at peak S/N 2 (integrated S/N 11) and 98 % at peak S/N 2.5.
 
     Parameters
     ----------

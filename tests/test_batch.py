@@ -155,7 +155,7 @@ def test_unexpected_error_is_isolated(input_dir, tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setitem(deblend.pipeline.METHODS, "sep", flaky)
+    monkeypatch.setitem(deblend.pipeline.CLASSICAL, "sep", flaky)
     summary = run([input_dir / n for n in GOOD], tmp_path / "out")
     assert [r.status for r in summary.records] == ["ok", "failed", "ok"]
     assert "b.fits: RuntimeError: boom" in summary.records[1].error

@@ -173,3 +173,44 @@ def test_deterministic(scene):
     a = Deblender("sep").run(scene)
     b = Deblender("sep").run(scene)
     np.testing.assert_array_equal(a.labels, b.labels)
+
+
+# --- Mask R-CNN path, with tiny untrained weights (the shipped ones are tested in test_integration.py)
+
+
+@pytest.fixture(scope="module")
+def untrained_weights(tmp_path_factory):
+    from deblend.models import build_mask_rcnn, save_weights
+
+    path = tmp_path_factory.mktemp("w") / "untrained.pt"
+    save_weights(build_mask_rcnn(seed=0), path, metadata={"note": "untrained, for tests"})
+    return path
+
+
+def test_mask_rcnn_method_adds_class_columns(untrained_weights):
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 1, (80, 96)).astype(np.float32)
+    yy, xx = np.mgrid[:80, :96]
+    image += 200 * np.exp(-((xx - 40) ** 2 + (yy - 30) ** 2) / 8.0)
+    deblender = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16,
+                          score_threshold=0.0)
+    result = deblender.run(image)
+    cat = result.catalog
+    assert {"class", "class_prob", "det_score"} <= set(cat.colnames)
+    np.testing.assert_array_equal(np.unique(result.labels[result.labels > 0]), np.asarray(cat["label"]))
+    assert set(np.asarray(cat["class"])) <= {"star", "galaxy"}
+    assert np.all(np.asarray(cat["det_score"]) >= np.asarray(cat["class_prob"]) - 1e-6)
+    assert result.weights_id and result.method == "mask-rcnn"
+
+
+def test_mask_rcnn_option_errors(untrained_weights):
+    with pytest.raises(ValueError, match="classical methods only"):
+        Deblender("mask-rcnn", weights=untrained_weights, thresh=2.0)
+    with pytest.raises(ValueError, match="score_threshold"):
+        Deblender("mask-rcnn", weights=untrained_weights, score_threshold=2.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        Deblender("mask-rcnn", weights=untrained_weights, batch_size=0)
+    with pytest.raises(ValueError, match="overlap"):
+        Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=64)
+    with pytest.raises(FileNotFoundError, match="train_mask_rcnn"):
+        Deblender("mask-rcnn", weights="/nonexistent/weights.pt")

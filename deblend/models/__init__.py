@@ -1,0 +1,21 @@
+"""Neural networks of deblend: the Mask R-CNN detector/segmenter."""
+
+from deblend.models.mask_rcnn import (
+    BACKBONES,
+    CLASS_NAMES,
+    build_mask_rcnn,
+    count_parameters,
+    load_weights,
+    model_config,
+    save_weights,
+)
+
+__all__ = [
+    "BACKBONES",
+    "CLASS_NAMES",
+    "build_mask_rcnn",
+    "count_parameters",
+    "load_weights",
+    "model_config",
+    "save_weights",
+]

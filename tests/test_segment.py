@@ -1,0 +1,418 @@
+"""Tests for deblend.segment: detect() over windows, seams, masks; instances_to_labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from torch import nn
+
+from deblend.models.mask_rcnn import _paste_masks, build_mask_rcnn
+from deblend.segment import Instances, _paste_crops, detect, instances_to_labels
+from deblend.tiling import make_windows
+
+
+class ThresholdModel(nn.Module):
+    """A translation-equivariant stand-in for Mask R-CNN.
+
+    Each connected group of >= ``min_pixels`` pixels above ``threshold`` is one
+    galaxy (label 2, score 0.9) whose mask is the group and box its bounding box.
+    Records the batches it sees.
+    """
+
+    def __init__(self, threshold=2.0, min_pixels=4):
+        super().__init__()
+        self.threshold = threshold
+        self.min_pixels = min_pixels
+        self.batches = []
+
+    def forward(self, images):
+        assert images.dtype == torch.float32 and images.ndim == 4 and images.shape[1] == 1
+        self.batches.append(images.clone())
+        out = []
+        for image in images:
+            data = image[0].numpy()
+            groups, _ = ndimage.label(data > self.threshold)
+            masks, boxes = [], []
+            for k, (ys, xs) in enumerate(ndimage.find_objects(groups), start=1):
+                component = groups == k
+                if component.sum() >= self.min_pixels:
+                    masks.append(component)
+                    boxes.append([xs.start, ys.start, xs.stop, ys.stop])
+            n = len(masks)
+            out.append({
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+                "labels": torch.full((n,), 2, dtype=torch.int64),
+                "scores": torch.full((n,), 0.9),
+                "masks": torch.from_numpy(np.array(masks, dtype=np.float32).reshape(
+                    n, 1, *data.shape)),
+            })
+        return out
+
+    @property
+    def n_calls(self):
+        return len(self.batches)
+
+
+def _scene(shape, sources, *, noise=1.0, seed=0):
+    """asinh(S/N) image of Gaussian sources (x, y, peak S/N, sigma) on unit noise."""
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]]
+    snr = np.zeros(shape)
+    for x0, y0, peak, sigma in sources:
+        snr += peak * np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / (2 * sigma**2))
+    snr += np.random.default_rng(seed).normal(0.0, noise, shape)
+    return np.arcsinh(snr).astype(np.float32)
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    np.testing.assert_allclose(a.centers, b.centers, atol=1e-9)
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.class_prob, b.class_prob)
+    np.testing.assert_array_equal(a.det_score, b.det_score)
+    for ma, mb in zip(a.masks, b.masks, strict=True):
+        np.testing.assert_array_equal(ma, mb)
+
+
+def _check_well_formed(instances, shape):
+    n = len(instances)
+    assert instances.boxes.shape == (n, 4) and instances.boxes.dtype == np.float32
+    assert instances.centers.shape == (n, 2)
+    assert instances.offsets.shape == (n, 2)
+    assert instances.labels.shape == instances.class_prob.shape == instances.det_score.shape == (n,)
+    assert set(instances.labels.tolist()) <= {1, 2}
+    assert len(instances.masks) == n
+    for i, crop in enumerate(instances.masks):
+        assert crop.dtype == np.float16 and crop.ndim == 2 and crop.size > 0
+        assert crop.min() >= 0 and crop.max() <= 1
+        region = instances.mask_slices(i)
+        assert region[0].start >= 0 and region[1].start >= 0
+        assert region[0].stop <= shape[0] and region[1].stop <= shape[1]
+    assert (instances.boxes[:, 2:] >= instances.boxes[:, :2]).all()
+    assert (instances.boxes >= 0).all()
+    assert (instances.boxes[:, 2] <= shape[1]).all() and (instances.boxes[:, 3] <= shape[0]).all()
+    # sorted by y, then x
+    order = np.lexsort((instances.centers[:, 0], instances.centers[:, 1]))
+    assert np.array_equal(order, np.arange(n))
+
+
+# A 200x200 image in 128-px windows overlapping by 48: starts 0 and 72 on both axes,
+# cores meeting at 100 (pixel boundary 99.5); every core keeps 28 px from its window's edges.
+SEAM_SHAPE = (200, 200)
+SEAM_SOURCES = [
+    (99.8, 99.3, 40.0, 3.0),  # straddles both seams: seen by all four windows
+    (100.4, 30.0, 30.0, 2.5),  # straddles the vertical seam
+    (40.0, 99.6, 30.0, 2.0),  # straddles the horizontal seam
+    (160.0, 160.0, 25.0, 1.5),
+    (30.0, 170.0, 20.0, 2.0),
+]
+
+
+def test_seam_source_found_once_with_same_mask():
+    image = _scene(SEAM_SHAPE, SEAM_SOURCES)
+    whole = detect(image, model=ThresholdModel(), window_size=256, overlap=48)
+    stub = ThresholdModel()
+    tiled = detect(image, model=stub, window_size=128, overlap=48, batch_size=4)
+    assert len(make_windows(SEAM_SHAPE, size=128, overlap=48)) == 4
+    assert stub.n_calls == 1
+    assert len(whole) == len(SEAM_SOURCES)
+    _assert_same(tiled, whole)
+    _check_well_formed(tiled, SEAM_SHAPE)
+    # the source on both seams: once, whole
+    near = np.hypot(tiled.centers[:, 0] - 99.8, tiled.centers[:, 1] - 99.3) < 1.0
+    assert near.sum() == 1
+    crop = tiled.masks[int(np.flatnonzero(near)[0])]
+    assert crop.sum() > 50
+
+
+def test_seam_random_scenes_match_single_window():
+    rng = np.random.default_rng(7)
+    shape = (70, 300)
+    sources = [(rng.uniform(3, shape[1] - 3), rng.uniform(3, shape[0] - 3),
+                rng.uniform(15, 40), rng.uniform(0.8, 1.6)) for _ in range(25)]
+    image = _scene(shape, sources, seed=3)
+    whole = detect(image, model=ThresholdModel(), window_size=512, overlap=0)
+    tiled = detect(image, model=ThresholdModel(), window_size=64, overlap=24)
+    assert len(whole) > 10
+    _assert_same(tiled, whole)
+    _check_well_formed(tiled, shape)
+
+
+def test_empty_sky_gives_nothing():
+    image = _scene((150, 150), [], seed=1)
+    stub = ThresholdModel(threshold=3.0)
+    instances = detect(image, model=stub, window_size=64, overlap=16, skip_empty=False)
+    assert len(instances) == 0 and isinstance(instances, Instances)
+    assert stub.n_calls > 0
+    labels, keep = instances_to_labels(instances, image.shape)
+    assert labels.dtype == np.int32 and not labels.any() and keep.shape == (0,)
+
+
+def test_masked_and_nan_regions_give_nothing_inside():
+    shape = (120, 160)
+    sources = [(30.0, 30.0, 40.0, 2.0), (100.0, 40.0, 40.0, 2.0), (60.0, 90.0, 40.0, 2.0),
+               (130.0, 95.0, 40.0, 2.0)]
+    image = _scene(shape, sources)
+    mask = np.zeros(shape, bool)
+    mask[20:45, 85:115] = True  # covers source 2
+    image[75:105, 45:75] = np.nan  # covers source 3
+    image[0, 0] = np.inf
+    stub = ThresholdModel()
+    instances = detect(image, model=stub, mask=mask, window_size=64, overlap=16)
+    seen = torch.cat(stub.batches)
+    assert torch.isfinite(seen).all()
+    bad = mask | ~np.isfinite(image)
+    ix = np.floor(instances.centers + 0.5).astype(int)
+    assert not bad[ix[:, 1], ix[:, 0]].any()
+    found = {(round(x), round(y)) for x, y in instances.centers}
+    assert found == {(30, 30), (130, 95)}
+
+
+def test_detection_centred_on_masked_pixel_is_dropped():
+    class Fixed(nn.Module):
+        """Always one detection: a square at rows/columns 10-19 of the window."""
+
+        def forward(self, images):
+            masks = torch.zeros(len(images), 1, 1, *images.shape[-2:])
+            masks[..., 10:20, 10:20] = 1.0
+            return [{"boxes": torch.tensor([[10.0, 10.0, 20.0, 20.0]]),
+                     "labels": torch.tensor([1]), "scores": torch.tensor([0.8]), "masks": m}
+                    for m in masks]
+
+    image = np.zeros((64, 64), np.float32)
+    found = detect(image, model=Fixed(), window_size=64, overlap=16, skip_empty=False)
+    assert len(found) == 1 and tuple(found.centers[0]) == (14.5, 14.5)
+    assert list(found.class_names) == ["star"]
+    mask = np.zeros(image.shape, bool)
+    mask[15, 15] = True  # the pixel holding the centre (x = y = 14.5 round up)
+    assert len(detect(image, model=Fixed(), mask=mask, window_size=64, overlap=16,
+                      skip_empty=False)) == 0
+
+
+def test_partly_masked_source_is_kept_when_its_centre_is_not():
+    shape = (64, 64)
+    image = _scene(shape, [(32.0, 32.0, 40.0, 3.0)])
+    mask = np.zeros(shape, bool)
+    mask[:, 34:] = True
+    instances = detect(image, model=ThresholdModel(), mask=mask, window_size=64, overlap=16)
+    assert len(instances) == 1
+    assert instances.centers[0, 0] < 33.5
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (70, 300), (1, 1), (3, 200)])
+def test_small_and_odd_shapes(shape):
+    sources = [(shape[1] / 2, shape[0] / 2, 30.0, 1.2)]
+    image = _scene(shape, sources)
+    instances = detect(image, model=ThresholdModel(min_pixels=1), window_size=64, overlap=16)
+    _check_well_formed(instances, shape)
+    labels, keep = instances_to_labels(instances, shape)
+    assert labels.shape == shape
+    if shape[0] >= 40:
+        assert len(instances) == 1 and len(keep) == 1
+
+
+def test_batch_size_does_not_change_results():
+    image = _scene(SEAM_SHAPE, SEAM_SOURCES)
+    stub1, stub4 = ThresholdModel(), ThresholdModel()
+    one = detect(image, model=stub1, window_size=64, overlap=16, batch_size=1)
+    four = detect(image, model=stub4, window_size=64, overlap=16, batch_size=4)
+    n_windows = len(make_windows(SEAM_SHAPE, size=64, overlap=16))
+    assert [len(b) for b in stub1.batches] == [1] * stub1.n_calls
+    assert max(len(b) for b in stub4.batches) == 4
+    assert sum(len(b) for b in stub1.batches) == sum(len(b) for b in stub4.batches) <= n_windows
+    _assert_same(one, four)
+
+
+def test_skip_empty_skips_windows():
+    shape = (64, 640)
+    image = np.zeros(shape, np.float32)  # blank (e.g. masked) apart from one source
+    image[:, :100] = _scene((64, 100), [(40.0, 30.0, 40.0, 2.0)])
+    n_windows = len(make_windows(shape, size=64, overlap=16))
+    skipping, running = ThresholdModel(), ThresholdModel()
+    skipped = detect(image, model=skipping, window_size=64, overlap=16, batch_size=1)
+    full = detect(image, model=running, window_size=64, overlap=16, batch_size=1,
+                  skip_empty=False)
+    assert running.n_calls == n_windows == 13
+    assert 1 <= skipping.n_calls <= 3
+    assert len(full) == 1
+    _assert_same(skipped, full)
+
+
+def test_score_threshold_and_det_scores():
+    class Scored(ThresholdModel):
+        def forward(self, images):
+            out = super().forward(images)
+            for result in out:
+                n = len(result["scores"])
+                result["scores"] = torch.full((n,), 0.4)
+                result["det_scores"] = torch.full((n,), 0.7)
+            return out
+
+    image = _scene((64, 64), [(20.0, 20.0, 40.0, 2.0), (45.0, 40.0, 40.0, 2.0)])
+    instances = detect(image, model=Scored(), window_size=64, overlap=16)
+    assert len(instances) == 2
+    np.testing.assert_allclose(instances.class_prob, 0.4)
+    np.testing.assert_allclose(instances.det_score, 0.7)
+    assert list(instances.class_names) == ["galaxy", "galaxy"]
+    assert len(detect(image, model=Scored(), window_size=64, overlap=16,
+                      score_threshold=0.8)) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window_size": 0}, "window_size must be a positive integer, got 0"),
+        ({"overlap": 32}, r"overlap must be an integer in \[0, window_size/2\)"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"score_threshold": 1.5}, r"score_threshold must be a number in \[0, 1\], got 1.5"),
+        ({"mask": np.zeros((3, 3), bool)}, "mask shape"),
+        ({"device": "meta"}, "model is on cpu but device='meta'"),
+        ({"device": "nonsense"}, "device must be e.g."),
+    ],
+)
+def test_detect_validation(kwargs, match):
+    model = nn.Sequential(nn.Conv2d(1, 1, 1))
+    options = {"window_size": 64, "overlap": 16}
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        detect(np.zeros((32, 32), np.float32), model=model, **options)
+    with pytest.raises(ValueError, match="2-D image"):
+        detect(np.zeros((2, 32, 32), np.float32), model=model)
+
+
+def _instances(masks, offsets, det_score):
+    n = len(masks)
+    centers = []
+    for (y0, x0), m in zip(offsets, masks, strict=True):
+        yy, xx = np.mgrid[0 : m.shape[0], 0 : m.shape[1]]
+        centers.append(((m * xx).sum() / m.sum() + x0, (m * yy).sum() / m.sum() + y0))
+    return Instances(boxes=np.zeros((n, 4), np.float32), labels=np.full(n, 2),
+                     class_prob=np.asarray(det_score, np.float32),
+                     det_score=np.asarray(det_score, np.float32),
+                     centers=np.array(centers), masks=[np.asarray(m, np.float16) for m in masks],
+                     offsets=np.array(offsets, np.int64))
+
+
+def test_instances_to_labels_resolves_overlaps():
+    a = np.full((4, 4), 0.9)
+    b = np.full((4, 4), 0.7)
+    b[0, 0] = 0.95  # b wins where it is higher
+    c = np.full((2, 2), 0.9)  # same value as a where they overlap: higher det_score (c) wins
+    d = np.full((2, 2), 0.6)  # everywhere below a: no pixel left, dropped
+    e = np.full((2, 2), 0.4)  # below mask_threshold: dropped
+    f = np.full((3, 3), 0.8)  # on its own
+    instances = _instances([a, b, c, d, e, f], [(0, 0), (2, 2), (0, 0), (1, 1), (10, 10),
+                                                (7, 0)], [0.5, 0.6, 0.7, 0.9, 0.9, 0.3])
+    labels, keep = instances_to_labels(instances, (12, 12))
+    assert labels.dtype == np.int32
+    assert keep.tolist() == [0, 1, 2, 5]
+    # label i + 1 <-> instance keep[i]
+    expected = np.zeros((12, 12), np.int32)
+    expected[0:4, 0:4] = 1
+    expected[2:6, 2:6] = 2
+    expected[2:4, 2:4] = 1  # a (0.9) beats b (0.7)
+    expected[2, 2] = 2  # b's 0.95
+    expected[0:2, 0:2] = 3  # c ties a at 0.9, higher score
+    expected[7:10, 0:3] = 4
+    np.testing.assert_array_equal(labels, expected)
+    # consecutive
+    assert set(np.unique(labels)) == set(range(len(keep) + 1))
+    # a mask leaves pixels at 0; an instance wholly masked is dropped
+    mask = np.zeros((12, 12), bool)
+    mask[7:10, 0:3] = True
+    mask[5, 5] = True
+    labels, keep = instances_to_labels(instances, (12, 12), mask=mask)
+    assert keep.tolist() == [0, 1, 2] and labels[5, 5] == 0 and labels.max() == 3
+    with pytest.raises(ValueError, match="mask_threshold must be a number in"):
+        instances_to_labels(instances, (12, 12), mask_threshold=0)
+    with pytest.raises(ValueError, match="shape must be two positive integers"):
+        instances_to_labels(instances, (12,))
+
+
+def test_instances_to_labels_many_instances_is_fast():
+    import time
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    shape = (2000, 2000)
+    masks = [rng.uniform(0.3, 1.0, (s, s)) for s in rng.integers(3, 25, n)]
+    offsets = [(rng.integers(0, shape[0] - m.shape[0]), rng.integers(0, shape[1] - m.shape[1]))
+               for m in masks]
+    instances = _instances(masks, offsets, rng.uniform(0.5, 1.0, n))
+    start = time.perf_counter()
+    labels, keep = instances_to_labels(instances, shape)
+    assert time.perf_counter() - start < 5.0
+    assert labels.max() == len(keep) and len(np.unique(labels)) == len(keep) + 1
+    # every labelled pixel lies inside its instance's crop, at a value >= 0.5
+    for label in rng.choice(np.arange(1, len(keep) + 1), 20, replace=False):
+        i = keep[label - 1]
+        inside = np.zeros(shape, bool)
+        inside[instances.mask_slices(i)] = True
+        assert inside[labels == label].all()
+
+
+def test_instances_select_and_empty():
+    empty = Instances.empty()
+    assert len(empty) == 0 and empty.class_names.shape == (0,)
+    instances = _instances([np.ones((2, 2)), np.ones((3, 3))], [(0, 0), (5, 5)], [0.6, 0.8])
+    sub = instances.select([1])
+    assert len(sub) == 1 and sub.masks[0].shape == (3, 3) and sub.det_score[0] == 0.8
+    assert len(instances.select(np.array([True, False]))) == 1
+    with pytest.raises(ValueError, match="one entry per instance"):
+        Instances(boxes=np.zeros((2, 4)), labels=np.zeros(1), class_prob=np.zeros(1),
+                  det_score=np.zeros(1), centers=np.zeros((1, 2)), masks=[np.ones((1, 1))],
+                  offsets=np.zeros((1, 2), np.int64))
+
+
+def test_paste_crops_matches_full_paste():
+    torch.manual_seed(0)
+    probs = torch.rand(6, 1, 28, 28)
+    boxes = torch.tensor([[3.2, 4.1, 20.7, 15.3], [0.0, 0.0, 5.0, 5.0], [50.5, 40.2, 64.0, 48.0],
+                          [-3.0, 10.0, 4.0, 70.0], [10.0, 10.0, 10.4, 10.3],
+                          [1.0, 2.0, 63.0, 47.0]])
+    shape = (48, 64)
+    full = _paste_masks(probs, boxes, shape)[:, 0]
+    crops = _paste_crops(probs, boxes, shape)
+    for i, (crop, y0, x0) in enumerate(crops):
+        h, w = crop.shape
+        assert torch.equal(full[i, y0 : y0 + h, x0 : x0 + w], crop)
+        outside = full[i].clone()
+        outside[y0 : y0 + h, x0 : x0 + w] = 0
+        assert not outside.any()
+
+
+def test_real_mask_rcnn_end_to_end():
+    torch.manual_seed(0)
+    model = build_mask_rcnn(seed=0)  # untrained, in training mode
+    shape = (96, 96)
+    image = _scene(shape, [(30.0, 40.0, 30.0, 2.0), (70.0, 60.0, 20.0, 3.0)], seed=5)
+    instances = detect(image, model=model, window_size=64, overlap=16, batch_size=4,
+                       skip_empty=False)
+    assert model.training  # mode restored
+    _check_well_formed(instances, shape)
+    # one detection per proposal: the most probable class; det_score = P(star) + P(galaxy)
+    assert (instances.det_score >= 0.5).all()
+    assert (instances.det_score + 1e-6 >= instances.class_prob).all()
+    assert (instances.class_prob + 1e-6 >= instances.det_score / 2).all()
+    assert set(instances.class_names) <= {"star", "galaxy"}
+    # each kept centre is owned by exactly one window
+    windows = make_windows(shape, size=64, overlap=16)
+    owners = np.sum([w.owns(instances.centers[:, 0], instances.centers[:, 1])
+                     for w in windows], axis=0)
+    assert (owners == 1).all()
+    labels, keep = instances_to_labels(instances, shape)
+    assert labels.dtype == np.int32 and labels.shape == shape
+    assert labels.max() == len(keep)
+    assert set(np.unique(labels)) == set(range(len(keep) + 1))
+    assert np.all(np.diff(keep) > 0) and (keep < len(instances)).all()
+    for label in range(1, len(keep) + 1):
+        inside = np.zeros(shape, bool)
+        inside[instances.mask_slices(keep[label - 1])] = True
+        assert inside[labels == label].all()
+    # nothing above the threshold: the mask head is skipped, the result is empty
+    none = detect(image, model=model, window_size=64, overlap=16, score_threshold=1.0,
+                  skip_empty=False)
+    assert len(none) == 0
