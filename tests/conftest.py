@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,16 @@ def files_under():
 def temp_files_under():
     """The `temp_files` helper."""
     return temp_files
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """main() configures the root logger and captures warnings: undo it after each test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    logging.captureWarnings(False)
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 
 import numpy as np
@@ -14,26 +13,13 @@ from deblend.cli import build_parser, main
 from deblend.io import read_catalog
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """main() configures the root logger and captures warnings: undo it after each test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    logging.captureWarnings(False)
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
 def outputs(outdir):
     return sorted(p.name for p in outdir.iterdir()) if outdir.exists() else []
 
 
 def test_run_good_input(scene_file, tmp_path, capsys):
     outdir = tmp_path / "out"
-    assert main(["run", str(scene_file), "-o", str(outdir)]) == 0
+    assert main(["run", "--method", "sep", str(scene_file), "-o", str(outdir)]) == 0
     assert outputs(outdir) == ["scene_cat.fits", "scene_seg.fits"]
     assert len(read_catalog(outdir / "scene_cat.fits")) == 3
     captured = capsys.readouterr()
@@ -41,7 +27,7 @@ def test_run_good_input(scene_file, tmp_path, capsys):
 
 
 def test_run_quiet_prints_nothing(scene_file, tmp_path, capsys):
-    assert main(["-q", "run", str(scene_file), "-o", str(tmp_path / "out")]) == 0
+    assert main(["-q", "run", "--method", "sep", str(scene_file), "-o", str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()
     assert captured.out == ""
 
@@ -49,7 +35,7 @@ def test_run_quiet_prints_nothing(scene_file, tmp_path, capsys):
 def test_run_one_bad_input(scene_file, bad_files, tmp_path, capsys):
     outdir = tmp_path / "out"
     bad = bad_files["truncated_data"]
-    status = main(["run", str(scene_file), str(bad), "-o", str(outdir)])
+    status = main(["run", "--method", "sep", str(scene_file), str(bad), "-o", str(outdir)])
     assert status == 1
     assert outputs(outdir) == ["scene_cat.fits", "scene_seg.fits"]
     captured = capsys.readouterr()
@@ -62,7 +48,7 @@ def test_run_directory_with_bad_files(tmp_path, write_fits, make_scene, bad_file
     for kind in ("not_fits", "header_only"):
         shutil.copy(bad_files[kind], tmp_path / "in" / bad_files[kind].name)
     outdir = tmp_path / "out"
-    assert main(["run", str(tmp_path / "in"), "-o", str(outdir)]) == 1
+    assert main(["run", "--method", "sep", str(tmp_path / "in"), "-o", str(outdir)]) == 1
     assert outputs(outdir) == ["good_cat.fits", "good_seg.fits"]
     err = capsys.readouterr().err
     assert "notfits.fits" in err and "header_only.fits" in err
@@ -72,7 +58,7 @@ def test_run_directory_with_bad_files(tmp_path, write_fits, make_scene, bad_file
                                           ("parquet", ".parquet"), ("votable", ".xml")])
 def test_run_format(scene_file, tmp_path, fmt, ext):
     outdir = tmp_path / "out"
-    assert main(["-q", "run", str(scene_file), "-o", str(outdir), "--format", fmt]) == 0
+    assert main(["-q", "run", "--method", "sep", str(scene_file), "-o", str(outdir), "--format", fmt]) == 0
     assert outputs(outdir) == [f"scene_cat{ext}", "scene_seg.fits"]
     np.testing.assert_array_equal(np.asarray(read_catalog(outdir / f"scene_cat{ext}")["label"]),
                                   [1, 2, 3])
@@ -88,7 +74,7 @@ def test_run_photutils_with_options(scene_file, tmp_path):
 
 def test_run_existing_outputs(scene_file, tmp_path, capsys):
     outdir = tmp_path / "out"
-    argv = ["-q", "run", str(scene_file), "-o", str(outdir)]
+    argv = ["-q", "run", "--method", "sep", str(scene_file), "-o", str(outdir)]
     assert main(argv) == 0
     assert main(argv) == 1
     assert "--overwrite" in capsys.readouterr().err
@@ -102,7 +88,7 @@ def test_run_bands(tmp_path, write_fits, make_scene, make_header):
         hdu.header["FILTER"] = band
         paths.append(str(write_fits(f"img_{band}.fits", hdu)))
     outdir = tmp_path / "out"
-    assert main(["-q", "run", "--bands", *paths, "-o", str(outdir)]) == 0
+    assert main(["-q", "run", "--method", "sep", "--bands", *paths, "-o", str(outdir)]) == 0
     assert outputs(outdir) == ["img_g_cat.fits", "img_g_seg.fits"]
     catalog = read_catalog(outdir / "img_g_cat.fits")
     assert {"segment_flux_g", "segment_flux_r", "segment_flux_z", "ra", "dec"} <= set(
@@ -117,23 +103,23 @@ def test_run_hdu_and_mask_bits(tmp_path, write_fits, scene):
     path = write_fits("mef.fits", hdus)
     for hdu in ("SCI", "2"):
         outdir = tmp_path / f"out_{hdu}"
-        assert main(["-q", "run", str(path), "--hdu", hdu, "-o", str(outdir)]) == 0
+        assert main(["-q", "run", "--method", "sep", str(path), "--hdu", hdu, "-o", str(outdir)]) == 0
         assert len(read_catalog(outdir / "mef_cat.fits")) == 3
     outdir = tmp_path / "out_bits"
-    argv = ["-q", "run", str(path), "--hdu", "SCI", "--mask-bits", "0x8", "-o", str(outdir)]
+    argv = ["-q", "run", "--method", "sep", str(path), "--hdu", "SCI", "--mask-bits", "0x8", "-o", str(outdir)]
     assert main(argv) == 0
     catalog = read_catalog(outdir / "mef_cat.fits")  # the source at x = 16 is masked
     assert len(catalog) == 2 and (np.asarray(catalog["x_centroid"]) > 32).all()
 
 
 def test_run_missing_input(tmp_path):
-    assert main(["-q", "run", str(tmp_path / "nope.fits"), "-o", str(tmp_path / "out")]) == 2
+    assert main(["-q", "run", "--method", "sep", str(tmp_path / "nope.fits"), "-o", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
 
 
 def test_run_no_fits_found(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert main(["-q", "run", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
+    assert main(["-q", "run", "--method", "sep", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
 
 
 def test_version(capsys):
@@ -153,8 +139,8 @@ def test_unknown_method(scene_file, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["run"], ["run", "x.fits"], ["run", "x.fits", "-o", "out", "--format", "hdf5"],
-     ["run", "x.fits", "-o", "out", "--thresh", "abc"]],
+    [[], ["run"], ["run", "--method", "sep", "x.fits"], ["run", "x.fits", "-o", "out", "--format", "hdf5"],
+     ["run", "--method", "sep", "x.fits", "-o", "out", "--thresh", "abc"]],
 )
 def test_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -171,5 +157,5 @@ def test_help_lists_commands(capsys):
 
 
 def test_invalid_option_value_is_a_usage_error(scene_file, tmp_path):
-    argv = ["-q", "run", "--minarea", "0", str(scene_file), "-o", str(tmp_path / "out")]
+    argv = ["-q", "run", "--method", "sep", "--minarea", "0", str(scene_file), "-o", str(tmp_path / "out")]
     assert main(argv) == 2

@@ -7,7 +7,6 @@ with and without WCS; cubes; PSF, sigma and mask images too - each is still an i
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +28,6 @@ def _fits_files():
 FILES = _fits_files()
 
 pytestmark = pytest.mark.skipif(not REALDATA.is_dir(), reason=f"{REALDATA} is absent")
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """main() configures the root logger and captures warnings: undo it after each test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    logging.captureWarnings(False)
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def test_realdata_found():
@@ -80,3 +66,23 @@ def test_decals_grz_as_bands(tmp_path):
     assert np.all(np.abs(ra - 197.860) < 0.05) and np.all(np.abs(dec + 1.413) < 0.05)
     _, header = read_segmentation(tmp_path / "img_g_seg.fits")
     assert header["CTYPE1"] == "RA---TAN"
+
+
+# The shipped Mask R-CNN on the small real images (the 2600x2600 KiDS mosaics are left to
+# pipelines/realdata_check.py, which runs every image and method, to keep the suite fast).
+_AUX = ("psfim", "segim", "mskim", "sigma", "_rms")  # PSF, segmentation, mask and noise images: sep covers them
+SMALL = [p for p in FILES if p.stat().st_size < 1_200_000 and "MultiBand" not in p.as_posix()
+         and not any(a in p.name for a in _AUX)]
+
+
+@pytest.mark.parametrize("path", SMALL, ids=[p.relative_to(REALDATA).as_posix() for p in SMALL])
+def test_mask_rcnn_on_small_real_image(path, tmp_path):
+    status = main(["-q", "run", "--method", "mask-rcnn", str(path), "-o", str(tmp_path)])
+    assert status == 0
+    stem = fits_stem(path)
+    labels, header = read_segmentation(tmp_path / f"{stem}_seg.fits")
+    catalog = read_catalog(tmp_path / f"{stem}_cat.fits")
+    assert labels.max() == len(catalog) == header["NSOURCES"]
+    assert header["DBMETHOD"] == "mask-rcnn" and header["DBWEIGHT"] != "none"
+    if len(catalog):
+        assert set(np.asarray(catalog["class"])) <= {"star", "galaxy"}

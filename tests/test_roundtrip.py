@@ -8,6 +8,7 @@ import pytest
 
 from deblend.cli import main
 from deblend.io import read_catalog, read_segmentation
+from deblend.pipeline import METHODS
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -36,7 +37,7 @@ def test_simulate_run_evaluate(tmp_path, capsys):
 
 
 def test_bundled_sample_data_runs(tmp_path):
-    """What `make run` does: every sample tile gives a segmentation map and a catalog that agree."""
+    """What `make run` does (default method, shipped weights): each sample tile gives a map and a catalog."""
     assert main(["-q", "run", str(DATA), "-o", str(tmp_path)]) == 0
     stems = sorted(p.name[: -len(".fits")] for p in DATA.glob("*.fits") if "_truth" not in p.name)
     assert stems == ["sample_0000", "sample_0001", "sample_3band_0000"]
@@ -45,7 +46,7 @@ def test_bundled_sample_data_runs(tmp_path):
         cat = read_catalog(tmp_path / f"{stem}_cat.fits")
         assert len(cat) > 5
         np.testing.assert_array_equal(np.unique(labels[labels > 0]), np.asarray(cat["label"]))
-        assert header["DBMETHOD"] == "sep"
+        assert header["DBMETHOD"] == METHODS[0]
     multi = read_catalog(tmp_path / "sample_3band_0000_cat.fits")
     assert {"segment_flux_band0", "segment_flux_band1", "segment_flux_band2"} <= set(multi.colnames)
 
@@ -54,5 +55,5 @@ def test_bundled_sample_data_runs(tmp_path):
 def test_evaluate_reads_every_catalog_format(tmp_path, fmt):
     truth = tmp_path / "truth"
     assert main(["-q", "simulate", "--n", "1", "--out", str(truth), "--seed", "9", "--shape", "64", "64"]) == 0
-    assert main(["-q", "run", str(truth), "-o", str(tmp_path / "p"), "--format", fmt]) == 0
+    assert main(["-q", "run", str(truth), "-o", str(tmp_path / "p"), "--format", fmt, "--method", "sep"]) == 0
     assert main(["-q", "evaluate", "--pred", str(tmp_path / "p"), "--truth", str(truth)]) == 0

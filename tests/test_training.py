@@ -4,9 +4,20 @@ import torch
 from astropy.table import Table
 
 from deblend.models import build_mask_rcnn
-from deblend.training import (ConditionRanges, SceneDataset, TrainConfig, collate, compute_losses,
-                              load_examples, make_example, make_examples, sample_config, save_examples,
-                              targets_from_truth, train_mask_rcnn)
+from deblend.training import (
+    ConditionRanges,
+    SceneDataset,
+    TrainConfig,
+    collate,
+    compute_losses,
+    load_examples,
+    make_example,
+    make_examples,
+    sample_config,
+    save_examples,
+    targets_from_truth,
+    train_mask_rcnn,
+)
 
 SMALL = ConditionRanges(shape=(48, 48), density=(200.0, 400.0))
 

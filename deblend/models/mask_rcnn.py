@@ -703,6 +703,7 @@ def save_weights(model, path, *, metadata):
                 f"lists, tuples, dicts) so the file loads with weights_only=True: {error}"
             ) from error
         digest = _sha256(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are package data others read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
