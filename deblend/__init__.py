@@ -8,6 +8,7 @@ from deblend.batch import run_batch
 from deblend.catalog import make_catalog
 from deblend.exceptions import DeblendWarning, InputError, NoSourcesWarning, WCSWarning
 from deblend.io import Image, read_catalog, read_image, read_segmentation, write_catalog, write_segmentation
+from deblend.merge import merge_catalogs
 from deblend.pipeline import METHODS, Deblender
 from deblend.result import DeblendResult
 
@@ -24,6 +25,7 @@ __all__ = [
     "write_segmentation",
     "make_catalog",
     "run_batch",
+    "merge_catalogs",
     "InputError",
     "DeblendWarning",
     "NoSourcesWarning",

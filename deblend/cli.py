@@ -2,8 +2,10 @@
 
 Commands
 --------
-``deblend run INPUT... -o OUTDIR``
+``deblend run INPUT... -o OUTDIR [--resume | --overwrite]``
     Deblend FITS files and directories into segmentation maps and catalogs.
+``deblend merge OUTDIR -o SURVEY_CATALOG [--match-radius ARCSEC]``
+    Merge the catalogs of overlapping tiles into one, each source once.
 ``deblend simulate --n N --out DIR --seed S``
     Make simulated blended scenes with ground truth.
 ``deblend evaluate --pred DIR [DIR ...] --truth DIR``
@@ -30,15 +32,21 @@ def _add_run(sub):
     p = sub.add_parser("run", help="deblend FITS files or directories",
                        description="Deblend FITS images. For each input <stem>.fits, writes "
                                    "OUTDIR/<stem>_seg.fits (int32 label map with the input's WCS) and "
-                                   "OUTDIR/<stem>_cat.<ext> (one row per label). A bad file is reported "
-                                   "and skipped; the exit status is 1 when any input failed.")
+                                   "OUTDIR/<stem>_cat.<ext> (one row per label), and appends one JSON "
+                                   "record per input to OUTDIR/manifest.jsonl. A bad file is reported "
+                                   "and skipped; the exit status is 1 when any input failed, 130 when "
+                                   "interrupted (run again with --resume to finish).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="FITS file(s) and/or directories")
     p.add_argument("-o", "--outdir", required=True, help="output directory")
     p.add_argument("--method", default=METHODS[0], choices=METHODS,
                    help=f"deblending method (default: {METHODS[0]})")
     p.add_argument("--format", default="fits", choices=sorted(CATALOG_FORMATS),
                    help="catalog format (default: fits)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    redo = p.add_mutually_exclusive_group()
+    redo.add_argument("--overwrite", action="store_true", help="redo every input, replacing existing outputs")
+    redo.add_argument("--resume", action="store_true",
+                      help="skip inputs whose outputs are up to date according to OUTDIR/manifest.jsonl "
+                           "(same input checksum, configuration and format); redo failed and changed ones")
     p.add_argument("--bands", action="store_true",
                    help="treat all inputs as single-band images of one field (one multi-band output)")
     p.add_argument("--hdu", default=None, help="HDU holding the image (index or EXTNAME); "
@@ -96,6 +104,23 @@ def _add_evaluate(sub):
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _add_merge(sub):
+    p = sub.add_parser("merge", help="merge the catalogs of overlapping tiles into one survey catalog",
+                       description="Read every <stem>_cat.<ext> under OUTDIR (outputs of `deblend run`), add "
+                                   "source_file, tile and edge_distance columns, and keep one row per source "
+                                   "where tiles overlap: detections of different tiles closer than the match "
+                                   "radius on the sky are one source, kept from the tile where it lies "
+                                   "farthest from the edge. Catalogs without ra/dec (inputs without a WCS) "
+                                   "are left out with a warning.")
+    p.add_argument("outdir", metavar="OUTDIR", help="output directory of `deblend run`")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="merged catalog; the format follows the extension (.fits, .ecsv, .csv, .parquet, .xml)")
+    p.add_argument("--match-radius", type=float, default=1.0, metavar="ARCSEC",
+                   help="detections of different tiles closer than this are one source (default 1 arcsec)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing merged catalog")
+    p.set_defaults(func=_cmd_merge)
+
+
 def build_parser():
     """The argument parser of the ``deblend`` command."""
     parser = argparse.ArgumentParser(prog="deblend", description="Deblend astronomical survey images.")
@@ -106,6 +131,7 @@ def build_parser():
     _add_run(sub)
     _add_simulate(sub)
     _add_evaluate(sub)
+    _add_merge(sub)
     return parser
 
 
@@ -128,7 +154,7 @@ def _cmd_run(args):
     read_options = {"hdu": hdu, "mask_bits": args.mask_bits}
     try:
         summary = run_batch(args.inputs, args.outdir, deblender, format=args.format,
-                            overwrite=args.overwrite, as_bands=args.bands,
+                            overwrite=args.overwrite, resume=args.resume, as_bands=args.bands,
                             recursive=not args.no_recursive, progress=None if not args.quiet else False,
                             read_options=read_options)
     except FileNotFoundError as exc:
@@ -171,6 +197,30 @@ def _cmd_evaluate(args):
     return 0
 
 
+def _cmd_merge(args):
+    from pathlib import Path
+
+    from deblend.io import catalog_format, write_catalog
+    from deblend.merge import merge_catalogs
+
+    output = Path(args.output)
+    catalog_format(output)  # an unknown extension fails before any catalog is read
+    if output.exists() and not args.overwrite:
+        log.error("%s exists; use --overwrite to replace it", output)
+        return 1
+    try:
+        merged = merge_catalogs(args.outdir, match_radius=args.match_radius)
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
+    write_catalog(merged, output, overwrite=args.overwrite)
+    if not args.quiet:
+        meta = merged.meta
+        print(f"merged {meta['n_files']} catalogs: {meta['n_before']} detections, {meta['n_after']} sources "
+              f"({meta['n_before'] - meta['n_after']} duplicates removed) -> {output}")
+    return 0
+
+
 def main(argv=None):
     """Entry point of the ``deblend`` command; returns the exit status."""
     parser = build_parser()
@@ -184,7 +234,8 @@ def main(argv=None):
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:
-        log.error("interrupted; finished outputs are complete, no partial files were left")
+        hint = "; run again with --resume to finish" if args.command == "run" else ""
+        log.error("interrupted; finished outputs are complete, no partial files were left%s", hint)
         return 130
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gzip
+import hashlib
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ __all__ = [
     "CATALOG_FORMATS",
     "FITS_SUFFIXES",
     "fits_stem",
+    "file_checksum",
 ]
 
 log = logging.getLogger(__name__)
@@ -212,6 +214,38 @@ def fits_stem(path):
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def file_checksum(paths, *, chunk_size=1 << 20):
+    """SHA-256 of the bytes of one file, or of several files read one after the other.
+
+    The files are streamed in chunks, so memory use does not depend on their size.
+    For one file the result equals ``sha256sum FILE``.
+
+    Parameters
+    ----------
+    paths : str, os.PathLike, or sequence of them
+    chunk_size : int, optional
+        Bytes read at a time.
+
+    Returns
+    -------
+    str
+        Hexadecimal digest.
+
+    Raises
+    ------
+    OSError
+        If a file cannot be read.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(chunk_size), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _open_fits(path):

@@ -66,12 +66,16 @@ class Deblender:
         Tiling of large images for the network (see `deblend.tiling.make_windows`).
     score_threshold : float, optional
         Minimum detection score (1 - P(background)) of a Mask R-CNN instance.
+    max_overlap : float, optional
+        Mask non-maximum suppression: an instance is dropped when more than
+        this fraction of its mask is claimed by higher-scoring instances
+        (see `deblend.segment.suppress_duplicates`); 1 disables it.
     """
 
     def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
                  device="cpu", weights=None, batch_size=4, window_size=256, overlap=48,
-                 score_threshold=0.5):
+                 score_threshold=0.5, max_overlap=0.5):
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         self.method = method
@@ -96,11 +100,13 @@ class Deblender:
                 raise ValueError(f"options {ignored} apply to the classical methods only, not to {method!r}")
             if not 0 <= score_threshold <= 1:
                 raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold!r}")
+            if not 0 < max_overlap <= 1:
+                raise ValueError(f"max_overlap must be in (0, 1], got {max_overlap!r}")
             if int(batch_size) != batch_size or batch_size < 1:
                 raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
             make_windows((window_size, window_size), size=window_size, overlap=overlap)  # validates both
             options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
-                           score_threshold=score_threshold)
+                           score_threshold=score_threshold, max_overlap=max_overlap)
             self._load_model(weights)
         self.options = options
 
@@ -169,12 +175,13 @@ class Deblender:
 
     def _segment(self, prepared):
         """Mask R-CNN over the normalised detection image → (labels, kept instances in label order)."""
-        from deblend.segment import detect, instances_to_labels
+        from deblend.segment import detect, instances_to_labels, suppress_duplicates
 
         normalized = prepared.normalized()
         opts = self.options
         instances = detect(normalized, model=self.model, mask=prepared.mask, window_size=opts["window_size"],
                            overlap=opts["overlap"], batch_size=opts["batch_size"], device=self.device,
                            score_threshold=opts["score_threshold"])
+        instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"])
         labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)
         return labels, instances.select(keep)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from deblend.models.mask_rcnn import CLASS_NAMES
 from deblend.tiling import has_signal, iter_batches, make_windows
 
-__all__ = ["Instances", "detect", "instances_to_labels"]
+__all__ = ["Instances", "detect", "suppress_duplicates", "instances_to_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -478,6 +478,62 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
     return instances.select(order)
 
 
+def _clipped(instances, i, dims):
+    """Crop values and image region of instance ``i``, clipped to the image."""
+    region = instances.mask_slices(i)
+    values = instances.masks[i].astype(np.float32)
+    y0, x0 = region[0].start, region[1].start
+    values = values[max(-y0, 0):, max(-x0, 0):]
+    region = (slice(max(y0, 0), min(region[0].stop, dims[0])), slice(max(x0, 0), min(region[1].stop, dims[1])))
+    values = values[: region[0].stop - region[0].start, : region[1].stop - region[1].start]
+    return values, region
+
+
+def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5):
+    """Drop instances whose mask is mostly covered by higher-scoring instances (mask NMS).
+
+    Box NMS keeps two detections of one source when their boxes differ
+    enough; their masks still coincide. Going down in ``det_score``, an
+    instance is dropped when more than ``max_overlap`` of its mask
+    (soft value ≥ ``mask_threshold``) lies on pixels already claimed by the
+    instances kept so far. Close companions survive: the network's masks
+    follow the truth convention, in which each pixel has one owner, so real
+    neighbours overlap little.
+
+    Parameters
+    ----------
+    instances : Instances
+    shape : tuple of int
+        ``(ny, nx)`` of the image.
+    max_overlap : float, optional
+        In (0, 1]; 1 keeps everything.
+    mask_threshold : float, optional
+
+    Returns
+    -------
+    Instances
+        The kept instances, in their original order.
+    """
+    if not 0 < max_overlap <= 1:
+        raise ValueError(f"max_overlap must be in (0, 1], got {max_overlap!r}; e.g. 0.5")
+    dims = tuple(int(n) for n in shape)
+    claimed = np.zeros(dims, dtype=bool)
+    order = np.argsort(-np.asarray(instances.det_score, dtype=np.float64), kind="stable")
+    keep = np.zeros(len(instances), dtype=bool)
+    for i in order:
+        values, region = _clipped(instances, i, dims)
+        own = values >= mask_threshold
+        area = int(own.sum())
+        if area == 0:
+            continue
+        taken = claimed[region] & own
+        if taken.sum() > max_overlap * area:
+            continue
+        keep[i] = True
+        claimed[region] |= own
+    return instances.select(np.flatnonzero(keep))
+
+
 def instances_to_labels(instances, shape, *, mask_threshold=0.5, mask=None):
     """Resolve overlapping soft masks into one label map.
 
@@ -534,14 +590,8 @@ def instances_to_labels(instances, shape, *, mask_threshold=0.5, mask=None):
     order = np.argsort(-np.asarray(instances.det_score, dtype=np.float64), kind="stable")
     threshold = np.float32(mask_threshold)
     for i in order:
-        region = instances.mask_slices(i)
-        values = instances.masks[i].astype(np.float32)
-        # clip crops that reach past the image (never from detect, possible by hand)
-        y0, x0 = region[0].start, region[1].start
-        values = values[max(-y0, 0):, max(-x0, 0):]
-        region = (slice(max(y0, 0), region[0].stop), slice(max(x0, 0), region[1].stop))
+        values, region = _clipped(instances, i, dims)  # crops may reach past the image when made by hand
         sub_best = best[region]
-        values = values[: sub_best.shape[0], : sub_best.shape[1]]
         wins = (values >= threshold) & (values > sub_best)
         sub_best[wins] = values[wins]
         owner[region][wins] = i

@@ -1,7 +1,10 @@
-"""Tests of deblend.batch: discovery, per-file isolation, mirrored outputs, no partial files."""
+"""Tests of deblend.batch: discovery, per-file isolation, mirrored outputs, no partial files, manifest, resume."""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -10,7 +13,17 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from deblend.batch import BatchSummary, FileRecord, discover_inputs, is_fits_name, run_batch
+import deblend.pipeline
+import deblend.result
+from deblend.batch import (
+    MANIFEST_NAME,
+    BatchSummary,
+    FileRecord,
+    discover_inputs,
+    is_fits_name,
+    read_manifest,
+    run_batch,
+)
 from deblend.io import read_catalog, read_segmentation
 from deblend.pipeline import Deblender
 
@@ -36,7 +49,8 @@ def run(inputs, outdir, **kwargs):
 
 
 def output_names(outdir, files_under):
-    return sorted(str(p) for p in files_under(outdir))
+    """Deblend's outputs under ``outdir`` (the manifest is checked by its own tests)."""
+    return sorted(str(p) for p in files_under(outdir) if p.name != MANIFEST_NAME)
 
 
 def test_good_and_bad_files(input_dir, tmp_path, files_under, temp_files_under):
@@ -103,7 +117,8 @@ def test_existing_outputs_need_overwrite(input_dir, tmp_path, temp_files_under):
     for name in GOOD:
         record = next(r for r in again.records if Path(r.path).name == name)
         assert record.status == "failed"
-        assert str(input_dir / name) in record.error and "--overwrite" in record.error
+        assert str(input_dir / name) in record.error
+        assert "--overwrite" in record.error and "--resume" in record.error
     assert (outdir / "a_seg.fits").read_bytes() == before
     forced = run([input_dir], outdir, overwrite=True)
     assert forced.n_ok == 3
@@ -140,7 +155,7 @@ def test_as_bands_with_a_bad_file_fails_as_a_whole(tmp_path, write_fits, make_sc
     summary = run(paths, tmp_path / "out", as_bands=True)
     assert len(summary.records) == 1 and summary.records[0].status == "failed"
     assert str(bad_files["truncated_data"]) in summary.records[0].error
-    assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
+    assert not (tmp_path / "out").exists() or output_names(tmp_path / "out", files_under) == []
 
 
 def test_unexpected_error_is_isolated(input_dir, tmp_path, monkeypatch):
@@ -201,10 +216,13 @@ def test_empty_directory(tmp_path):
 def test_summary_counts():
     summary = BatchSummary([FileRecord("a", "ok", n_sources=4),
                             FileRecord("b", "failed", error="b: bad"),
-                            FileRecord("c", "ok", n_sources=1)])
-    assert summary.n_ok == 2 and summary.n_sources == 5
-    assert [r.path for r in summary.failed] == ["b"]
-    assert "FAILED b: bad" in summary.report()
+                            FileRecord("c", "ok", n_sources=1),
+                            FileRecord("d", "skipped", n_sources=7)])
+    assert summary.n_ok == 2 and summary.n_sources == 5  # found in this run
+    assert [r.path for r in summary.failed] == ["b"] and [r.path for r in summary.skipped] == ["d"]
+    report = summary.report()
+    assert report.splitlines()[0] == "2 of 4 inputs deblended, 5 sources, 1 failed, 1 skipped (already done)"
+    assert "FAILED b: bad" in report
 
 
 def test_same_stem_inputs_do_not_replace_each_other(tmp_path, write_fits, make_scene):
@@ -217,3 +235,200 @@ def test_same_stem_inputs_do_not_replace_each_other(tmp_path, write_fits, make_s
     for record, other in zip(summary.records[1:], (second, same_dir), strict=True):
         assert record.error.startswith(f"{other}:") and str(first) in record.error
     assert len(read_catalog(outdir / "x_cat.fits")) == 3  # still the first input's catalog
+
+
+# ---------------------------------------------------------------- manifest, resume, interrupts
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """Wrap the SEP labelling function: ``calls`` lists the calls; ``fail_on[n] = exc`` raises on call n (1-based)."""
+    real = deblend.pipeline.CLASSICAL["sep"]
+    state = {"calls": [], "fail_on": {}}
+
+    def counting(*args, **kwargs):
+        state["calls"].append(1)
+        exc = state["fail_on"].get(len(state["calls"]))
+        if exc is not None:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(deblend.pipeline.CLASSICAL, "sep", counting)
+    return state
+
+
+def good_files(input_dir):
+    return [input_dir / name for name in GOOD]
+
+
+def mtimes(outdir):
+    return {p.name: p.stat().st_mtime_ns for p in Path(outdir).iterdir() if p.name != MANIFEST_NAME}
+
+
+def test_manifest_records(input_dir, tmp_path):
+    outdir = tmp_path / "out"
+    summary = run([input_dir], outdir)
+    assert summary.manifest == str(outdir / MANIFEST_NAME)
+    lines = (outdir / MANIFEST_NAME).read_text().splitlines()
+    assert len(lines) == 6
+    records = read_manifest(outdir)
+    assert [r.to_dict() for r in records] == [json.loads(line) for line in lines]
+    assert [r.to_dict() for r in records] == [r.to_dict() for r in summary.records]
+    config = json.loads(json.dumps(Deblender("sep").config()))
+    for record in records:
+        path = Path(record.path)
+        assert record.path == str(input_dir / path.name)  # as given
+        assert record.checksum == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert record.config == config and record.format == "fits" and record.duration > 0
+        stamp = datetime.datetime.fromisoformat(record.timestamp.replace("Z", "+00:00"))
+        assert abs((datetime.datetime.now(datetime.timezone.utc) - stamp).total_seconds()) < 600
+        if path.name in GOOD:
+            assert record.status == "ok" and record.n_sources == 3 and record.error == ""
+            assert Path(record.outputs["catalog"]) == outdir.resolve() / f"{path.name.split('.')[0]}_cat.fits"
+        else:
+            assert record.status == "failed" and record.outputs == {} and path.name in record.error
+            assert record.error_type == "InputError"
+    run([input_dir], outdir)  # a second run appends (its inputs are refused: outputs exist)
+    records = read_manifest(outdir)
+    assert len(records) == 12 and all(r.status == "failed" for r in records[6:])
+
+
+def test_resume_skips_done_and_redoes_changed(input_dir, tmp_path, write_fits, make_scene, count_calls,
+                                              temp_files_under):
+    outdir = tmp_path / "out"
+    assert run(good_files(input_dir), outdir).n_ok == 3
+    before = mtimes(outdir)
+    (input_dir / "b.fits").unlink()
+    write_fits("in/b.fits", make_scene(sources=[(30.0, 30.0, 50.0, 2.0)]))  # changed content
+    (outdir / "c_cat.fits").unlink()  # lost output
+    count_calls["calls"].clear()
+    summary = run(good_files(input_dir), outdir, resume=True)
+    assert [r.status for r in summary.records] == ["skipped", "ok", "ok"]
+    assert len(count_calls["calls"]) == 2
+    assert summary.records[0].n_sources == 3 and summary.records[1].n_sources == 1
+    after = mtimes(outdir)
+    assert after["a_seg.fits"] == before["a_seg.fits"] and after["a_cat.fits"] == before["a_cat.fits"]
+    assert after["b_seg.fits"] != before["b_seg.fits"]
+    assert len(read_catalog(outdir / "b_cat.fits")) == 1
+    assert temp_files_under(outdir) == []
+    # nothing left to do; skipped records do not hide the ok ones
+    count_calls["calls"].clear()
+    again = run(good_files(input_dir), outdir, resume=True)
+    assert [r.status for r in again.records] == ["skipped"] * 3 and count_calls["calls"] == []
+    assert "3 skipped (already done)" in again.report()
+    assert [r.status for r in read_manifest(outdir)] == ["ok"] * 3 + ["skipped", "ok", "ok"] + ["skipped"] * 3
+
+
+def test_resume_redoes_on_other_configuration_or_format(input_dir, tmp_path, count_calls):
+    outdir = tmp_path / "out"
+    run(good_files(input_dir), outdir)
+    count_calls["calls"].clear()
+    other = run_batch([str(p) for p in good_files(input_dir)], outdir, Deblender("sep", thresh=3.0),
+                      resume=True, progress=False)
+    assert [r.status for r in other.records] == ["ok"] * 3 and len(count_calls["calls"]) == 3
+    assert other.records[0].config["options"] == {"thresh": 3.0}
+    ecsv = run(good_files(input_dir), outdir, resume=True, format="ecsv")
+    assert [r.status for r in ecsv.records] == ["ok"] * 3
+    assert (outdir / "a_cat.ecsv").exists()
+
+
+def test_resume_redoes_failed_inputs(input_dir, tmp_path, count_calls):
+    outdir = tmp_path / "out"
+    count_calls["fail_on"][2] = RuntimeError("boom")
+    first = run(good_files(input_dir), outdir)
+    assert [r.status for r in first.records] == ["ok", "failed", "ok"]
+    assert first.records[1].error_type == "RuntimeError"
+    count_calls["calls"].clear()
+    count_calls["fail_on"].clear()
+    resumed = run(good_files(input_dir), outdir, resume=True)
+    assert [r.status for r in resumed.records] == ["skipped", "ok", "skipped"]
+    assert len(count_calls["calls"]) == 1
+
+
+def test_resume_looks_past_refused_reruns(input_dir, tmp_path, count_calls):
+    outdir = tmp_path / "out"
+    run(good_files(input_dir), outdir)
+    refused = run(good_files(input_dir), outdir)  # forgot --resume: refused, outputs untouched
+    assert [r.error_type for r in refused.records] == ["OutputExists"] * 3
+    count_calls["calls"].clear()
+    resumed = run(good_files(input_dir), outdir, resume=True)
+    assert [r.status for r in resumed.records] == ["skipped"] * 3 and count_calls["calls"] == []
+
+
+def test_resume_and_overwrite_exclude_each_other(input_dir, tmp_path):
+    with pytest.raises(ValueError, match="overwrite and resume"):
+        run(good_files(input_dir), tmp_path / "out", resume=True, overwrite=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_redoes_everything(input_dir, tmp_path, count_calls):
+    outdir = tmp_path / "out"
+    run(good_files(input_dir), outdir)
+    count_calls["calls"].clear()
+    forced = run(good_files(input_dir), outdir, overwrite=True)
+    assert [r.status for r in forced.records] == ["ok"] * 3 and len(count_calls["calls"]) == 3
+
+
+def test_interrupt_then_resume(input_dir, tmp_path, count_calls, temp_files_under, files_under):
+    outdir = tmp_path / "out"
+    count_calls["fail_on"][3] = KeyboardInterrupt()  # while deblending c.fits.gz
+    with pytest.raises(KeyboardInterrupt):
+        run(good_files(input_dir), outdir)
+    assert output_names(outdir, files_under) == ["a_cat.fits", "a_seg.fits", "b_cat.fits", "b_seg.fits"]
+    assert temp_files_under(outdir) == []
+    records = read_manifest(outdir)
+    assert [(Path(r.path).name, r.status) for r in records] == [("a.fits", "ok"), ("b.fits", "ok")]
+    before = mtimes(outdir)
+    count_calls["calls"].clear()
+    count_calls["fail_on"].clear()
+    resumed = run(good_files(input_dir), outdir, resume=True)
+    assert [r.status for r in resumed.records] == ["skipped", "skipped", "ok"]
+    assert len(count_calls["calls"]) == 1  # only c was deblended
+    after = mtimes(outdir)
+    assert all(after[name] == before[name] for name in before)
+    assert output_names(outdir, files_under) == sorted(f"{s}_{k}.fits" for s in "abc" for k in ("cat", "seg"))
+
+
+def test_interrupt_while_writing_leaves_no_partial_files(input_dir, tmp_path, monkeypatch, temp_files_under,
+                                                         files_under):
+    real = deblend.result.write_catalog
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # b's segmentation map is written to its temporary name by now
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(deblend.result, "write_catalog", interrupted)
+    outdir = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(good_files(input_dir), outdir)
+    assert output_names(outdir, files_under) == ["a_cat.fits", "a_seg.fits"]
+    assert temp_files_under(outdir) == []
+    assert [r.status for r in read_manifest(outdir)] == ["ok"]
+
+
+def test_manifest_line_cut_short(input_dir, tmp_path, count_calls):
+    outdir = tmp_path / "out"
+    run(good_files(input_dir)[:2], outdir)
+    manifest = outdir / MANIFEST_NAME
+    with open(manifest, "a") as fh:  # a crash in the middle of a third record
+        fh.write('{"path": "x.fits", "sta')
+    with pytest.warns(UserWarning, match="manifest.jsonl:3: unreadable"):
+        assert len(read_manifest(outdir)) == 2
+    count_calls["calls"].clear()
+    with pytest.warns(UserWarning, match="unreadable"):
+        resumed = run(good_files(input_dir), outdir, resume=True)
+    assert [r.status for r in resumed.records] == ["skipped", "skipped", "ok"]
+    lines = manifest.read_text().splitlines()
+    assert len(lines) == 6 and lines[2].startswith('{"path": "x.fits", "sta')
+    assert all(json.loads(line)["status"] for line in lines[3:])
+
+
+def test_unwritable_manifest_does_not_stop_the_batch(input_dir, tmp_path, caplog):
+    outdir = tmp_path / "out"
+    (outdir / MANIFEST_NAME).mkdir(parents=True)  # cannot be opened as a file
+    summary = run(good_files(input_dir), outdir)
+    assert summary.n_ok == 3 and summary.manifest is None
+    assert "cannot write the manifest" in caplog.text

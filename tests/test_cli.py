@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+import deblend.pipeline
 from deblend._version import __version__
+from deblend.batch import MANIFEST_NAME, read_manifest
 from deblend.cli import build_parser, main
 from deblend.io import read_catalog
 
 
 def outputs(outdir):
-    return sorted(p.name for p in outdir.iterdir()) if outdir.exists() else []
+    """Deblend's outputs in ``outdir`` (the manifest is checked by its own tests)."""
+    return sorted(p.name for p in outdir.iterdir() if p.name != MANIFEST_NAME) if outdir.exists() else []
 
 
 def test_run_good_input(scene_file, tmp_path, capsys):
@@ -77,8 +80,11 @@ def test_run_existing_outputs(scene_file, tmp_path, capsys):
     argv = ["-q", "run", "--method", "sep", str(scene_file), "-o", str(outdir)]
     assert main(argv) == 0
     assert main(argv) == 1
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "--resume" in err
     assert main([*argv, "--overwrite"]) == 0
+    assert main([*argv, "--resume"]) == 0
+    assert [r.status for r in read_manifest(outdir)] == ["ok", "failed", "ok", "skipped"]
 
 
 def test_run_bands(tmp_path, write_fits, make_scene, make_header):
@@ -140,7 +146,9 @@ def test_unknown_method(scene_file, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv",
     [[], ["run"], ["run", "--method", "sep", "x.fits"], ["run", "x.fits", "-o", "out", "--format", "hdf5"],
-     ["run", "--method", "sep", "x.fits", "-o", "out", "--thresh", "abc"]],
+     ["run", "--method", "sep", "x.fits", "-o", "out", "--thresh", "abc"],
+     ["run", "--method", "sep", "x.fits", "-o", "out", "--resume", "--overwrite"],
+     ["merge", "out"]],
 )
 def test_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -153,9 +161,65 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    assert "run" in out and "simulate" in out and "evaluate" in out
+    assert "run" in out and "simulate" in out and "evaluate" in out and "merge" in out
 
 
 def test_invalid_option_value_is_a_usage_error(scene_file, tmp_path):
     argv = ["-q", "run", "--method", "sep", "--minarea", "0", str(scene_file), "-o", str(tmp_path / "out")]
     assert main(argv) == 2
+
+
+def test_run_writes_manifest(scene_file, tmp_path):
+    outdir = tmp_path / "out"
+    assert main(["-q", "run", "--method", "sep", str(scene_file), "-o", str(outdir), "--format", "ecsv"]) == 0
+    (record,) = read_manifest(outdir)
+    assert record.path == str(scene_file) and record.status == "ok" and record.n_sources == 3
+    assert record.format == "ecsv" and record.config["method"] == "sep" and len(record.checksum) == 64
+    assert set(record.outputs) == {"segmentation", "catalog"}
+
+
+def test_interrupt_returns_130_then_resume(tmp_path, write_fits, make_scene, monkeypatch, caplog):
+    for i in range(3):
+        write_fits(f"in/tile{i}.fits", make_scene(seed=i))
+    real = deblend.pipeline.CLASSICAL["sep"]
+    state = {"calls": 0, "interrupt_on": 3}
+
+    def counting(*args, **kwargs):
+        state["calls"] += 1
+        if state["calls"] == state["interrupt_on"]:  # Ctrl-C while deblending tile2
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(deblend.pipeline.CLASSICAL, "sep", counting)
+    outdir = tmp_path / "out"
+    argv = ["-q", "run", "--method", "sep", str(tmp_path / "in"), "-o", str(outdir)]
+    assert main(argv) == 130
+    assert "run again with --resume" in caplog.text
+    assert outputs(outdir) == ["tile0_cat.fits", "tile0_seg.fits", "tile1_cat.fits", "tile1_seg.fits"]
+    assert not [p for p in outdir.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert [r.status for r in read_manifest(outdir)] == ["ok", "ok"]
+    done = {name: (outdir / name).stat().st_mtime_ns for name in outputs(outdir)}
+    state.update(calls=0, interrupt_on=None)
+    assert main([*argv, "--resume"]) == 0
+    assert state["calls"] == 1  # only tile2 was deblended
+    assert all((outdir / name).stat().st_mtime_ns == mtime for name, mtime in done.items())
+    assert len(outputs(outdir)) == 6
+    assert [r.status for r in read_manifest(outdir)] == ["ok", "ok", "skipped", "skipped", "ok"]
+
+
+def test_merge_command(scene_file, tmp_path, capsys, caplog):
+    outdir = tmp_path / "out"
+    assert main(["-q", "run", "--method", "sep", str(scene_file), "-o", str(outdir)]) == 0
+    survey = tmp_path / "survey.fits"
+    assert main(["merge", str(outdir), "-o", str(survey), "--match-radius", "0.5"]) == 0
+    assert "merged 1 catalogs: 3 detections, 3 sources (0 duplicates removed)" in capsys.readouterr().out
+    merged = read_catalog(survey)
+    assert len(merged) == 3 and {"source_file", "tile", "edge_distance"} <= set(merged.colnames)
+    assert merged.meta["N_BEFORE"] == 3 and merged.meta["RADIUS"] == 0.5
+    assert main(["-q", "merge", str(outdir), "-o", str(survey)]) == 1
+    assert "exists; use --overwrite" in caplog.text
+    assert main(["-q", "merge", str(outdir), "-o", str(survey), "--overwrite"]) == 0
+    assert main(["-q", "merge", str(outdir), "-o", str(tmp_path / "survey.hdf5")]) == 2
+    assert main(["-q", "merge", str(outdir), "-o", str(tmp_path / "s.ecsv"), "--match-radius", "0"]) == 2
+    assert main(["-q", "merge", str(tmp_path / "missing"), "-o", str(tmp_path / "s.ecsv")]) == 2
+    assert not (tmp_path / "s.ecsv").exists()

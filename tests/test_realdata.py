@@ -44,7 +44,8 @@ def test_sep_on_real_image(path, tmp_path):
     assert len(catalog) >= 0
     assert labels.max() == len(catalog) == header["NSOURCES"]
     np.testing.assert_array_equal(np.asarray(catalog["label"]), np.arange(1, len(catalog) + 1))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}_cat.fits", f"{stem}_seg.fits"]
+    expected = [f"{stem}_cat.fits", f"{stem}_seg.fits", "manifest.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
 
 
 def test_decals_grz_as_bands(tmp_path):
@@ -55,7 +56,7 @@ def test_decals_grz_as_bands(tmp_path):
     argv = ["-q", "run", "--method", "sep", "--bands", *map(str, paths), "-o", str(tmp_path)]
     status = main(argv)
     assert status == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["img_g_cat.fits", "img_g_seg.fits"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["img_g_cat.fits", "img_g_seg.fits", "manifest.jsonl"])
     catalog = read_catalog(tmp_path / "img_g_cat.fits")
     assert len(catalog) > 10
     for band in "grz":  # no FILTER keyword: bands are named after the files

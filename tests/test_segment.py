@@ -416,3 +416,21 @@ def test_real_mask_rcnn_end_to_end():
     none = detect(image, model=model, window_size=64, overlap=16, score_threshold=1.0,
                   skip_empty=False)
     assert len(none) == 0
+
+
+def test_suppress_duplicates_drops_a_second_detection_of_one_source():
+    from deblend.segment import suppress_duplicates
+
+    blob = np.zeros((10, 10), np.float32)
+    blob[2:8, 2:8] = 0.9
+    twin = blob.copy()
+    twin[2:8, 7:9] = 0.9  # same source, slightly wider box
+    companion = np.zeros((10, 10), np.float32)
+    companion[2:8, 8:10] = 0.9  # a neighbour touching it
+    inst = _instances([blob, twin, companion], [(0, 0), (0, 0), (0, 0)], [0.9, 0.8, 0.7])
+    kept = suppress_duplicates(inst, (10, 10), max_overlap=0.5)
+    assert len(kept) == 2 and np.allclose(kept.det_score, [0.9, 0.7])
+    # max_overlap=1 keeps everything; invalid values are refused
+    assert len(suppress_duplicates(inst, (10, 10), max_overlap=1.0)) == 3
+    with pytest.raises(ValueError, match="max_overlap"):
+        suppress_duplicates(inst, (10, 10), max_overlap=0.0)
