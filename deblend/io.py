@@ -814,6 +814,8 @@ def read_catalog(path, *, format=None):
     fmt = catalog_format(path, format)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AstropyWarning)
+        if fmt == "fits":  # strings as str, not bytes
+            return QTable.read(path, format="fits", character_as_bytes=False)
         return QTable.read(path, format=CATALOG_FORMATS[fmt][0])
 
 

@@ -102,6 +102,29 @@ def main():
         lines.append(f"| {level} | " + " | ".join(f"{per[m]['blended_recall']:.3f}" for m in args.methods) + " |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if "mask-rcnn" in args.methods:
+        update_model_card(payload)
+
+
+def update_model_card(payload):
+    """Record the benchmark's Mask R-CNN metrics in the model card (the weights file is not touched)."""
+    from deblend.models.registry import DEFAULT_MASK_RCNN, weights_path
+
+    card_path = weights_path(DEFAULT_MASK_RCNN).with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    keys = ("recall", "precision", "f1", "blended_recall", "mean_iou", "median_abs_flux_error",
+            "star_galaxy_accuracy", "merged", "shredded", "n_truth", "n_pred")
+    card["metrics"] = {
+        "benchmark": "pipelines/benchmark_quality.py",
+        "scenes": {k: payload[k] for k in ("n_scenes", "seed", "shape", "noise_levels", "pixel_scale_range",
+                                           "psf_fwhm_range")},
+        "mask-rcnn": {k: payload["summary"]["mask-rcnn"][k] for k in keys},
+        "baselines": {m: {k: payload["summary"][m][k] for k in keys} for m in payload["summary"] if m != "mask-rcnn"},
+        "speed": payload["speed"],
+    }
+    card.pop("metrics_note", None)
+    card_path.write_text(json.dumps(card, indent=2, default=float) + "\n")
+    log.info("updated %s", card_path)
 
 
 if __name__ == "__main__":
