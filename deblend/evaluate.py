@@ -717,7 +717,7 @@ def _load_truth(truth_dir, name, image_path, fwhm_pixels):
     labels, _ = dbio.read_segmentation(seg_path)
     table = dbio.read_catalog(truth_dir / f"{name}_truth.fits")
     if fwhm_pixels is None:
-        header = dbio.read_image(image_path).header
+        header = dbio.read_header(image_path)  # only the header: PSF_FWHM, PIXSCALE
         fwhm = _fwhm_from(header, getattr(table, "meta", None), image_path)
     else:
         fwhm = fwhm_pixels
