@@ -17,11 +17,8 @@ floating-point tensors stored in half precision, readable with
 ``torch.load(..., weights_only=True)``.
 """
 
-import hashlib
 import logging
 import math
-import os
-import tempfile
 from collections import OrderedDict
 from numbers import Integral, Real
 
@@ -40,6 +37,8 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper
+
+from deblend.models.weights import load_payload, save_model
 
 __all__ = [
     "CLASS_NAMES",
@@ -79,11 +78,6 @@ _SIZE_DIVISIBLE = 2 * _FEATURE_STRIDES[-1]
 # Backbone units from the top, as counted by ``trainable_backbone_layers``.
 _BACKBONE_UNITS = ("layer4", "layer3", "layer2", "layer1", "stem")
 
-_WEIGHTS_FORMAT = 1
-_HOW_TO_GET_WEIGHTS = (
-    "re-install the deblend package to restore its shipped weights (deblend/weights/), "
-    "or train your own with pipelines/train_mask_rcnn.py"
-)
 
 
 class _NoResizeTransform(GeneralizedRCNNTransform):
@@ -623,29 +617,6 @@ def count_parameters(model, *, trainable_only=False):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _to_half(state_dict):
-    """Cast float tensors to float16, keeping any that float16 cannot hold."""
-    out = OrderedDict()
-    for key, tensor in state_dict.items():
-        tensor = tensor.detach().cpu()
-        if tensor.is_floating_point():
-            half = tensor.to(torch.float16)
-            if bool(torch.isfinite(half).all()) or not bool(torch.isfinite(tensor).all()):
-                tensor = half
-            else:
-                logger.warning("%s overflows float16; stored as %s", key, tensor.dtype)
-        out[key] = tensor.clone()
-    return out
-
-
 def save_weights(model, path, *, metadata):
     """Write a model's configuration and weights to ``path``, atomically.
 
@@ -676,41 +647,7 @@ def save_weights(model, path, *, metadata):
         If the model was not built by :func:`build_mask_rcnn`, or ``metadata``
         is not a dict of plain types.
     """
-    config = model_config(model)
-    if not isinstance(metadata, dict):
-        raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist")
-    payload = {
-        "format": _WEIGHTS_FORMAT,
-        "config": config,
-        "state_dict": _to_half(model.state_dict()),
-        "metadata": metadata,
-    }
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            torch.load(tmp, map_location="cpu", weights_only=True)
-        except Exception as error:  # the unpickler's errors have no common base
-            raise ValueError(
-                "metadata must hold only plain Python types (str, int, float, bool, None, "
-                f"lists, tuples, dicts) so the file loads with weights_only=True: {error}"
-            ) from error
-        digest = _sha256(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are package data others read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    logger.info("wrote Mask R-CNN weights %s (sha256 %s)", path, digest)
-    return digest
+    return save_model(model, path, kind="mask_rcnn", config=model_config(model), metadata=metadata)
 
 
 def load_weights(path, *, device="cpu", expected_sha256=None):
@@ -739,48 +676,13 @@ def load_weights(path, *, device="cpu", expected_sha256=None):
         If the sha256 does not match, the device is unusable, or the file is
         not a deblend Mask R-CNN weights file.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Mask R-CNN weights file not found: {path}; {_HOW_TO_GET_WEIGHTS}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be e.g. 'cpu' or 'cuda', got {device!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use 'cpu'")
-
-    digest = _sha256(path)
-    if expected_sha256 is not None and digest != str(expected_sha256).strip().lower():
-        raise ValueError(
-            f"sha256 mismatch for {path}: expected {expected_sha256}, file has {digest}; "
-            f"the file is corrupt or not the expected version — {_HOW_TO_GET_WEIGHTS}"
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle/zip errors have no common base
-        raise ValueError(f"{path} is not a readable weights file: {error}") from error
-    if not isinstance(payload, dict) or not {"config", "state_dict"} <= payload.keys():
-        raise ValueError(
-            f"{path} is not a deblend Mask R-CNN weights file (expected a dict with "
-            "'config' and 'state_dict', as written by deblend.models.save_weights)"
-        )
-    if payload.get("format", _WEIGHTS_FORMAT) > _WEIGHTS_FORMAT:
-        raise ValueError(
-            f"{path} was written in weights format {payload['format']}, newer than this "
-            f"deblend reads ({_WEIGHTS_FORMAT}); upgrade deblend"
-        )
+    payload, digest, device = load_payload(path, kind="mask_rcnn", device=device,
+                                           expected_sha256=expected_sha256)
     try:
         model = build_mask_rcnn(**payload["config"])
-        model.load_state_dict(
-            {
-                key: value.float() if value.is_floating_point() else value
-                for key, value in payload["state_dict"].items()
-            }
-        )
+        model.load_state_dict(payload["state_dict"])
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ValueError(
-            f"{path} does not match the Mask R-CNN this deblend builds: {error}"
-        ) from error
+        raise ValueError(f"{path} does not match the Mask R-CNN this deblend builds: {error}") from error
     model.deblend_metadata = payload.get("metadata", {})
     model.deblend_sha256 = digest
     return model.to(device).eval()

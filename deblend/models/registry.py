@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["WEIGHTS_DIR", "DEFAULT_MASK_RCNN", "weights_path", "model_card", "load_mask_rcnn"]
+__all__ = ["WEIGHTS_DIR", "DEFAULT_MASK_RCNN", "DEFAULT_PROB_UNET", "weights_path", "model_card", "load_mask_rcnn",
+           "load_prob_unet"]
 
 #: Folder of the shipped weights.
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 #: Name of the default Mask R-CNN weights.
 DEFAULT_MASK_RCNN = "mask_rcnn_small"
+#: Name of the default probabilistic U-Net weights (blend refinement).
+DEFAULT_PROB_UNET = "prob_unet"
 
 
 def weights_path(name_or_path):
@@ -29,7 +32,13 @@ def weights_path(name_or_path):
 def model_card(name_or_path):
     """The model card (dict) beside a weights file, or None when there is none."""
     card = weights_path(name_or_path).with_suffix(".json")
-    return json.loads(card.read_text()) if card.exists() else None
+    if not card.exists():
+        return None
+    try:
+        return json.loads(card.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # a corrupt card must not pass as "no checksum"
+        raise ValueError(f"model card {card} is not valid JSON ({exc}); re-install the deblend package "
+                         "to restore it, or remove it to load the weights without a checksum") from exc
 
 
 def load_mask_rcnn(name_or_path=DEFAULT_MASK_RCNN, *, device="cpu"):
@@ -59,3 +68,24 @@ def load_mask_rcnn(name_or_path=DEFAULT_MASK_RCNN, *, device="cpu"):
     card = model_card(path)
     expected = card.get("sha256") if card else None
     return load_weights(path, device=device, expected_sha256=expected)
+
+
+def load_prob_unet(name_or_path=DEFAULT_PROB_UNET, *, device="cpu"):
+    """Load probabilistic U-Net weights, checking the sha256 recorded in their model card.
+
+    Parameters
+    ----------
+    name_or_path : str or os.PathLike, optional
+        Shipped weights name or a ``.pt`` path.
+    device : str, optional
+
+    Returns
+    -------
+    deblend.models.prob_unet.ProbUNet
+        In eval mode; ``model.deblend_sha256`` identifies the weights.
+    """
+    from deblend.models.prob_unet import load_prob_unet as load
+
+    path = weights_path(name_or_path)
+    card = model_card(path)
+    return load(path, device=device, expected_sha256=card.get("sha256") if card else None)

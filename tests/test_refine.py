@@ -1,0 +1,181 @@
+"""Tests of deblend.refine: inputs, blend groups, joint assignment, uncertainty, flux samples."""
+
+import numpy as np
+import pytest
+import torch
+
+from deblend.models.prob_unet import build_prob_unet
+from deblend.refine import (
+    CUTOUT,
+    find_blend_groups,
+    heatmap,
+    refine_blends,
+    refine_input,
+    source_positions,
+)
+
+
+class DiscModel:
+    """Stand-in network: each sample claims a disc of radius ``r0 + s`` around the marked source.
+
+    Sample ``s`` of a member uses radius ``radii[s]``, so the samples differ in a known way.
+    """
+
+    depth = 3
+
+    def __init__(self, radii):
+        self.radii = radii
+
+    def eval(self):
+        return self
+
+    def to(self, device):
+        return self
+
+    def sample(self, x, *, n_samples, seed):
+        x = x.numpy()
+        out = np.zeros((len(x), n_samples, *x.shape[2:]), np.float32)
+        yy, xx = np.indices(x.shape[2:])
+        for i, inp in enumerate(x):
+            cy, cx = np.unravel_index(np.argmax(inp[1]), inp[1].shape)
+            r = np.hypot(yy - cy, xx - cx)
+            for s in range(n_samples):
+                out[i, s] = np.clip(1.5 - r / self.radii[s % len(self.radii)], 0, 1)
+        return torch.from_numpy(out)
+
+
+def two_blobs(shape=(80, 80), sep=8):
+    labels = np.zeros(shape, np.int32)
+    cy, cx = shape[0] // 2, shape[1] // 2
+    labels[cy - 4:cy + 4, cx - sep // 2 - 4:cx] = 1
+    labels[cy - 4:cy + 4, cx:cx + sep // 2 + 4] = 2
+    labels[5:9, 5:9] = 3  # isolated
+    positions = np.array([[cx - sep // 2 - 1, cy], [cx + sep // 2, cy], [6.5, 6.5]])
+    return labels, positions
+
+
+def test_heatmap_peaks_at_positions():
+    h = heatmap((20, 30), [[4, 7], [25, 12]])
+    assert h.shape == (20, 30) and h.dtype == np.float32
+    assert h[7, 4] == pytest.approx(1) and h[12, 25] == pytest.approx(1)
+    assert heatmap((5, 5), np.zeros((0, 2))).max() == 0
+    assert heatmap((5, 5), [[100, 100]]).max() == 0
+
+
+def test_refine_input_channels():
+    x = refine_input(np.ones((16, 16)), (3, 4), [(10, 12)])
+    assert x.shape == (3, 16, 16)
+    assert np.unravel_index(x[1].argmax(), (16, 16)) == (4, 3)
+    assert np.unravel_index(x[2].argmax(), (16, 16)) == (12, 10)
+
+
+def test_find_blend_groups_touching_and_isolated():
+    labels = np.zeros((6, 8), int)
+    labels[0, 0], labels[1, 1] = 1, 2  # diagonal touch
+    labels[4, 4], labels[4, 5] = 3, 4
+    labels[0, 7], labels[1, 6] = 5, 6  # anti-diagonal touch
+    labels[3, 0] = 7
+    labels[5, 5] = 4
+    blend_id, n_blend = find_blend_groups(labels)
+    np.testing.assert_array_equal(blend_id, [1, 1, 2, 2, 3, 3, 0])
+    np.testing.assert_array_equal(n_blend, [2, 2, 2, 2, 2, 2, 1])
+    chain = np.array([[1, 2, 3, 0, 4]])
+    np.testing.assert_array_equal(find_blend_groups(chain)[1], [3, 3, 3, 1])
+    assert find_blend_groups(np.zeros((3, 3), int))[0].size == 0
+
+
+def test_source_positions_are_segment_peaks():
+    image = np.zeros((20, 20), np.float32)
+    image[5, 6] = 10
+    image[14, 15] = 10
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:9, 2:9] = 1
+    labels[10:18, 10:18] = 2
+    np.testing.assert_array_equal(source_positions(image, labels), [[6, 5], [15, 14]])
+
+
+def test_refine_joint_assignment_with_known_samples():
+    labels, pos = two_blobs()
+    data = np.ones((1, *labels.shape), np.float32)
+    model = DiscModel(radii=[3.0, 5.0, 7.0, 9.0])
+    r = refine_blends(np.zeros(labels.shape), labels, data, model=model, positions=pos, n_samples=4,
+                      save_samples=True)
+    assert set(np.unique(r.labels)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(r.labels == 3, labels == 3)  # isolated source untouched
+    np.testing.assert_array_equal(r.blend_id, [1, 1, 0])
+    assert r.refined.tolist() == [True, True, False]
+    # every pixel of a sample belongs to the member whose disc claims it most
+    for s, radius in enumerate(model.radii):
+        owned = r.samples[s] == 1
+        ys, xs = np.nonzero(owned)
+        assert np.all(np.hypot(ys - pos[0, 1], xs - pos[0, 0]) < 1.5 * radius)
+        # flux = data (ones) summed over the sample's pixels of each member
+        assert r.flux_samples[0, 0, s] == owned.sum()
+    assert np.isnan(r.flux_samples[2]).all()
+    spread = r.flux_spread()
+    assert spread[0, 0] > 0 and spread[2, 0] == 0
+    assert 0 <= r.uncertainty.min() and r.uncertainty.max() <= 1
+    assert r.uncertainty[labels == 3].max() == 0
+    assert r.uncertainty.max() > 0  # the growing discs disagree at their edges
+
+
+def test_refine_never_assigns_masked_or_foreign_pixels():
+    labels, pos = two_blobs()
+    labels[40, 50:60] = 4  # a third source inside the group's cutout, not touching it
+    pos = np.vstack([pos, [55, 40]])
+    mask = np.zeros(labels.shape, bool)
+    mask[30:34, :] = True
+    r = refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([12.0, 14.0]),
+                      positions=pos, mask=mask, n_samples=2)
+    assert not r.labels[mask].any()
+    assert (r.labels[40, 50:60] == 4).all()
+    assert set(np.unique(r.labels)) == {0, 1, 2, 3, 4}
+
+
+class EmptyModel(DiscModel):
+    """Stand-in network that claims nothing."""
+
+    def sample(self, x, *, n_samples, seed):
+        return torch.zeros((len(x), n_samples, *x.shape[2:]))
+
+
+def test_source_without_pixels_keeps_its_detector_mask():
+    labels, pos = two_blobs()
+    r = refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=EmptyModel([1.0]),
+                      positions=pos, n_samples=2)
+    np.testing.assert_array_equal(r.labels, labels)
+
+
+def test_refine_with_real_network_is_seeded_and_keeps_labels():
+    torch.manual_seed(0)
+    model = build_prob_unet(widths=(4, 8, 8, 8), head_width=8, latent_dim=2)
+    labels, pos = two_blobs(shape=(70, 90))
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=labels.shape).astype(np.float32)
+    a = refine_blends(image, labels, image, model=model, n_samples=3, seed=5)
+    b = refine_blends(image, labels, image, model=model, n_samples=3, seed=5)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.flux_samples, b.flux_samples)
+    assert set(np.unique(a.labels)) == set(np.unique(labels))
+    assert a.flux_samples.shape == (3, 1, 3)
+
+
+def test_large_groups_are_left_alone():
+    labels = np.zeros((300, 300), np.int32)
+    labels[10:290, 10:150] = 1
+    labels[10:290, 150:290] = 2
+    r = refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([5.0]),
+                      n_samples=2, max_size=CUTOUT * 2)
+    np.testing.assert_array_equal(r.labels, labels)
+    assert not r.refined.any()
+
+
+def test_argument_checks():
+    labels, _ = two_blobs()
+    with pytest.raises(ValueError, match="same"):
+        refine_blends(np.zeros((5, 5)), labels, np.ones(labels.shape), model=DiscModel([1.0]))
+    with pytest.raises(ValueError, match="n_samples"):
+        refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([1.0]), n_samples=0)
+    with pytest.raises(ValueError, match="positions"):
+        refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([1.0]),
+                      positions=np.zeros((1, 2)))
