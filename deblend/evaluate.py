@@ -123,7 +123,9 @@ _TABLE_ROWS = (
     ("F1", "f1", "ratio"),
     ("blended recall", "blended_recall", "ratio"),
     ("mean IoU", "mean_iou", "ratio"),
+    ("mean IoU, blended", "mean_iou_blended", "ratio"),
     ("median |Δflux|/flux", "median_abs_flux_error", "ratio"),
+    ("  ... blended", "median_abs_flux_error_blended", "ratio"),
     ("star/galaxy acc", "star_galaxy_accuracy", "ratio"),
     ("merged", "merged", "count"),
     ("shredded", "shredded", "count"),
@@ -505,7 +507,9 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
         ``n_truth_total``, ``n_pred``, ``n_pred_ignored`` (matched to uncounted
         truth), ``tp``, ``fp``, ``fn``, ``n_blended``, ``tp_blended``,
         ``iou_sum``, ``flux_rel_errors`` (list of signed
-        ``(segment_flux - flux) / flux`` over true positives), ``class_correct``
+        ``(segment_flux - flux) / flux`` over true positives), the same two
+        over blended true positives (``iou_sum_blended``,
+        ``flux_rel_errors_blended``), ``class_correct``
         and ``class_total`` (None without a ``class`` column), ``merged``,
         ``shredded``, ``fwhm_pixels`` and ``min_snr``. See the module
         docstring for the definitions.
@@ -556,6 +560,8 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
     pf, tf = pred["flux"][tp_p], truth["flux"][tp_t]
     ok = np.isfinite(pf) & np.isfinite(tf) & (tf > 0)
     flux_rel = (pf[ok] - tf[ok]) / tf[ok]
+    tp_blended_mask = truth["blended"][tp_t]
+    flux_rel_blended = flux_rel[tp_blended_mask[ok]]
 
     class_correct = class_total = None
     if pred["class"] is not None and truth["is_star"] is not None:
@@ -589,7 +595,9 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
         "n_blended": int((blended & counted).sum()),
         "tp_blended": int(blended[tp_t].sum()),
         "iou_sum": float(iou.sum()),
+        "iou_sum_blended": float(iou[tp_blended_mask].sum()),
         "flux_rel_errors": [float(v) for v in flux_rel],
+        "flux_rel_errors_blended": [float(v) for v in flux_rel_blended],
         "class_correct": class_correct,
         "class_total": class_total,
         "merged": merged,
@@ -619,7 +627,9 @@ def summarize(per_image_results):
     dict
         ``recall``, ``precision``, ``f1``, ``blended_recall``, ``mean_iou``,
         ``median_abs_flux_error``, ``median_flux_bias`` (median signed
-        relative flux error), ``star_galaxy_accuracy`` (None when no image
+        relative flux error), ``mean_iou_blended`` and
+        ``median_abs_flux_error_blended`` (over blended true positives),
+        ``star_galaxy_accuracy`` (None when no image
         was scored for class), ``merged``, ``shredded``, ``n_images``,
         ``n_missing``, ``n_truth``, ``n_pred``, ``n_pred_ignored``, ``tp``,
         ``fp``, ``fn``, ``n_blended``, ``tp_blended``. Undefined ratios are NaN.
@@ -631,8 +641,8 @@ def summarize(per_image_results):
     """
     results = list(per_image_results)
     totals = dict.fromkeys(_COUNT_KEYS, 0)
-    iou_sum = 0.0
-    flux = []
+    iou_sum = iou_sum_blended = 0.0
+    flux, flux_blended = [], []
     class_correct = class_total = 0
     scored = False
     n_missing = 0
@@ -645,6 +655,8 @@ def summarize(per_image_results):
             totals[key] += int(res[key])
         iou_sum += float(res["iou_sum"])
         flux.extend(res["flux_rel_errors"])
+        iou_sum_blended += float(res.get("iou_sum_blended", np.nan))
+        flux_blended.extend(res.get("flux_rel_errors_blended", []))
         if res.get("class_total") is not None:
             scored = True
             class_correct += int(res["class_correct"])
@@ -660,6 +672,9 @@ def summarize(per_image_results):
         "mean_iou": _ratio(iou_sum, tp),
         "median_abs_flux_error": float(np.median(np.abs(flux))) if flux.size else float("nan"),
         "median_flux_bias": float(np.median(flux)) if flux.size else float("nan"),
+        "mean_iou_blended": _ratio(iou_sum_blended, totals["tp_blended"]),
+        "median_abs_flux_error_blended": (float(np.median(np.abs(flux_blended))) if flux_blended
+                                          else float("nan")),
         "star_galaxy_accuracy": _ratio(class_correct, class_total) if scored else None,
         "merged": totals["merged"],
         "shredded": totals["shredded"],
