@@ -19,7 +19,7 @@ from photutils.segmentation import SegmentationImage, SourceCatalog
 
 from deblend._version import __version__
 
-__all__ = ["make_catalog", "SHAPE_COLUMNS", "FLUX_COLUMNS", "empty_catalog"]
+__all__ = ["make_catalog", "SHAPE_COLUMNS", "FLUX_COLUMNS", "empty_catalog", "add_blend_columns"]
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +151,38 @@ def make_catalog(data, labels, *, detection=None, error=None, detection_error=No
     table.meta = _meta(method, weights_id, band_names)
     log.debug("catalog: %d sources, %d bands", len(table), n_bands)
     return table
+
+
+def add_blend_columns(table, refinement, *, band_names):
+    """Add the blend and segmentation-uncertainty columns of a refinement to a catalog, in place.
+
+    Columns: ``blend_id`` (0 = isolated), ``n_blend`` (sources in the group, 1
+    when isolated), ``segment_flux_seg_err`` (standard deviation of the
+    source's ``segment_flux`` over the probabilistic U-Net's samples: the
+    error due to where the boundary between blended sources is drawn; 0 for
+    sources not refined) and ``segment_flux_err_total`` (``segment_flux_err``,
+    the noise error, and ``segment_flux_seg_err`` added in quadrature). With
+    several bands the last two appear per band too (``<column>_<band>``).
+
+    Parameters
+    ----------
+    table : astropy.table.QTable
+        From `make_catalog`, one row per label of the refined map.
+    refinement : deblend.refine.Refinement
+        Its ``flux_samples`` hold the detection image first and then each band
+        when there are several bands, or the single band.
+    band_names : sequence of str
+    """
+    if len(table) != len(refinement.blend_id):
+        raise ValueError(f"catalog has {len(table)} rows, refinement {len(refinement.blend_id)} sources")
+    spread = refinement.flux_spread()
+    table["blend_id"] = refinement.blend_id.astype(np.int32)
+    table["n_blend"] = refinement.n_blend.astype(np.int32)
+    suffixes = [""] + ([f"_{_band_suffix(b)}" for b in band_names] if len(band_names) > 1 else [])
+    if spread.shape[1] != len(suffixes):
+        raise ValueError(f"refinement has fluxes in {spread.shape[1]} images, expected {len(suffixes)}")
+    for i, suffix in enumerate(suffixes):
+        seg_err = spread[:, i]
+        table[f"segment_flux_seg_err{suffix}"] = seg_err
+        noise = table[f"segment_flux_err{suffix}"] if f"segment_flux_err{suffix}" in table.colnames else 0.0
+        table[f"segment_flux_err_total{suffix}"] = np.hypot(np.asarray(noise, dtype=np.float64), seg_err)

@@ -6,11 +6,14 @@ import logging
 import os
 import warnings
 
-from deblend.catalog import make_catalog
+import numpy as np
+
+from deblend.catalog import add_blend_columns, make_catalog
 from deblend.classical import check_options, photutils_labels, sep_labels
 from deblend.exceptions import NoSourcesWarning
 from deblend.io import Image, read_image
 from deblend.preprocess import prepare
+from deblend.refine import refine_blends
 from deblend.result import DeblendResult
 from deblend.tiling import make_windows
 
@@ -70,14 +73,28 @@ class Deblender:
         Mask non-maximum suppression: an instance is dropped when more than
         this fraction of its mask is claimed by higher-scoring instances
         (see `deblend.segment.suppress_duplicates`); 1 disables it.
+    refine : bool, optional
+        Re-segment blend groups with the probabilistic U-Net
+        (`deblend.refine`). Default: True for ``'mask-rcnn'``, False for the
+        classical methods (which can be refined too when asked).
+    n_samples : int, optional
+        Samples drawn per blend group.
+    refine_weights : str or os.PathLike, optional
+        Probabilistic U-Net weights: a shipped name or a ``.pt`` file.
+        Default: the shipped ``prob_unet``.
+    save_samples : bool, optional
+        Keep the sampled label maps (written as a ``SAMPLES`` cube).
     """
 
     def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
                  device="cpu", weights=None, batch_size=4, window_size=256, overlap=48,
-                 score_threshold=0.5, max_overlap=0.5):
+                 score_threshold=0.5, max_overlap=0.5, refine=None, n_samples=16, refine_weights=None,
+                 save_samples=False):
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+        if int(n_samples) != n_samples or n_samples < 2:
+            raise ValueError(f"n_samples must be an integer >= 2 (the flux spread needs two), got {n_samples!r}")
         self.method = method
         self.box_size = box_size
         self.filter_size = filter_size
@@ -85,6 +102,10 @@ class Deblender:
         self.device = device
         self.weights_id = None
         self.model = None
+        self.refiner = None
+        self.refine = (method not in CLASSICAL) if refine is None else bool(refine)
+        self.n_samples = int(n_samples)
+        self.save_samples = bool(save_samples)
         options = dict(method_options or {})
         if method in CLASSICAL:
             generic = {"thresh": thresh, "minarea": minarea, "deblend_nthresh": deblend_nthresh,
@@ -108,6 +129,8 @@ class Deblender:
             options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
                            score_threshold=score_threshold, max_overlap=max_overlap)
             self._load_model(weights)
+        if self.refine:
+            self._load_refiner(refine_weights)
         self.options = options
 
     def _load_model(self, weights):
@@ -120,13 +143,21 @@ class Deblender:
         self.model = load_mask_rcnn(weights or DEFAULT_MASK_RCNN, device=self.device)
         self.weights_id = self.model.deblend_sha256[:16]
 
+    def _load_refiner(self, weights):
+        from deblend.models.registry import DEFAULT_PROB_UNET, load_prob_unet
+
+        self.refiner = load_prob_unet(weights or DEFAULT_PROB_UNET, device=self.device)
+        refine_id = self.refiner.deblend_sha256[:16]
+        self.weights_id = refine_id if self.weights_id is None else f"{self.weights_id}+{refine_id}"
+
     def __repr__(self):
         return f"Deblender(method={self.method!r}, options={self.options!r})"
 
     def config(self):
         """The configuration as a JSON-serialisable dict (for manifests and provenance)."""
         return {"method": self.method, "options": dict(self.options), "box_size": self.box_size,
-                "filter_size": self.filter_size, "seed": self.seed, "weights": self.weights_id}
+                "filter_size": self.filter_size, "seed": self.seed, "weights": self.weights_id,
+                "refine": self.refine, "n_samples": self.n_samples if self.refine else None}
 
     def run(self, image, **read_options):
         """Deblend one image.
@@ -159,6 +190,14 @@ class Deblender:
                                             mask=prepared.mask, **self.options)
         else:
             labels, instances = self._segment(prepared)
+        refinement = None
+        if self.refine:
+            flux_images = prepared.data if prepared.data.shape[0] == 1 else np.concatenate(
+                [prepared.detection[np.newaxis], prepared.data])
+            refinement = refine_blends(prepared.normalized(), labels, flux_images, model=self.refiner,
+                                       mask=prepared.mask, n_samples=self.n_samples, seed=self.seed,
+                                       device=self.device, save_samples=self.save_samples)
+            labels = refinement.labels
         catalog = make_catalog(prepared.data, labels, detection=prepared.detection,
                                error=prepared.background.rms, detection_error=prepared.detection_rms,
                                mask=prepared.mask, wcs=image.wcs, band_names=image.band_names,
@@ -167,11 +206,17 @@ class Deblender:
             catalog["class"] = instances.class_names.astype("U6")
             catalog["class_prob"] = instances.class_prob.astype("float32")
             catalog["det_score"] = instances.det_score.astype("float32")
+        extensions = {}
+        if refinement is not None:
+            add_blend_columns(catalog, refinement, band_names=image.band_names)
+            extensions["UNCERTAINTY"] = refinement.uncertainty
+            if refinement.samples is not None:
+                extensions["SAMPLES"] = refinement.samples
         if len(catalog) == 0:
             warnings.warn(f"{image.path}: no sources detected", NoSourcesWarning, stacklevel=2)
         log.info("%s: %d sources (%s)", image.path, len(catalog), self.method)
         return DeblendResult(labels=labels, catalog=catalog, image=image, method=self.method,
-                             weights_id=self.weights_id)
+                             weights_id=self.weights_id, extensions=extensions)
 
     def _segment(self, prepared):
         """Mask R-CNN over the normalised detection image → (labels, kept instances in label order)."""

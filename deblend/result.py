@@ -284,8 +284,40 @@ class DeblendResult:
         return ax.figure
 
     # ------------------------------------------------------------------ blend groups
-    # `.blends` (the blend groups found by deblend.refine) belongs here; it is added with the
-    # probabilistic U-Net refinement.
+
+    @property
+    def blends(self):
+        """The blend groups, most ambiguous first, as a `~astropy.table.Table`.
+
+        One row per group of two or more touching sources (`deblend.refine`):
+        ``blend_id``, ``n_blend``, ``labels`` (its members, comma-separated),
+        ``segment_flux`` (summed over the members), ``max_rel_seg_err``
+        (largest ``segment_flux_seg_err / |segment_flux|`` of a member) and
+        ``x_centroid``, ``y_centroid`` (mean of the members'). Sorted by
+        ``max_rel_seg_err``, descending. Empty when the result was not refined
+        (no ``blend_id`` column).
+        """
+        from astropy.table import Table
+
+        names = ["blend_id", "n_blend", "labels", "segment_flux", "max_rel_seg_err", "x_centroid", "y_centroid"]
+        cat = self.catalog
+        if "blend_id" not in cat.colnames or not len(cat):
+            return Table(names=names, dtype=[np.int32, np.int32, str, float, float, float, float])
+        ids = np.asarray(cat["blend_id"])
+        flux = np.asarray(cat["segment_flux"], dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.asarray(cat["segment_flux_seg_err"], dtype=float) / np.abs(flux)
+        rows = []
+        for gid in np.unique(ids[ids > 0]):
+            members = ids == gid
+            rows.append((int(gid), int(members.sum()), ",".join(str(v) for v in np.asarray(cat["label"])[members]),
+                         float(np.nansum(flux[members])), float(np.nanmax(rel[members], initial=0.0)),
+                         float(np.mean(np.asarray(cat["x_centroid"])[members])),
+                         float(np.mean(np.asarray(cat["y_centroid"])[members]))))
+        rows.sort(key=lambda r: -r[4])
+        if not rows:
+            return Table(names=names, dtype=[np.int32, np.int32, str, float, float, float, float])
+        return Table(rows=rows, names=names)
 
     # ------------------------------------------------------------------ writing
 

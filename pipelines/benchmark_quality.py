@@ -30,14 +30,20 @@ NOISE_LEVELS = (0.5, 1.0, 2.0)
 log = logging.getLogger("benchmark_quality")
 
 
+def scene_config(seed, i, shape):
+    """Conditions and simulation seed of benchmark scene `i`."""
+    rng = np.random.default_rng(scene_seed(seed, i))
+    config = SceneConfig(shape=shape, pixel_scale=float(rng.uniform(0.15, 0.3)),
+                         psf_fwhm=float(rng.uniform(0.5, 1.0)), noise_sigma=NOISE_LEVELS[i % 3])
+    return config, scene_seed(seed + 1, i)
+
+
 def make_scenes(outdir, n, seed, shape):
     """Simulate `n` scenes with varied conditions; returns {name: conditions}."""
     conditions = {}
     for i in range(n):
-        rng = np.random.default_rng(scene_seed(seed, i))
-        config = SceneConfig(shape=shape, pixel_scale=float(rng.uniform(0.15, 0.3)),
-                             psf_fwhm=float(rng.uniform(0.5, 1.0)), noise_sigma=NOISE_LEVELS[i % 3])
-        scene = simulate_scene(config, seed=scene_seed(seed + 1, i), keep_sources=False)
+        config, sim_seed = scene_config(seed, i, shape)
+        scene = simulate_scene(config, seed=sim_seed, keep_sources=False)
         name = f"bench_{i:04d}"
         write_scene(scene, outdir, name)
         conditions[name] = {"pixel_scale": config.pixel_scale, "psf_fwhm": config.psf_fwhm,

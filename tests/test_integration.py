@@ -1,4 +1,4 @@
-"""The shipped Mask R-CNN weights on a bundled sample tile: loads offline, checksum verified, finds the sources."""
+"""The shipped weights on a bundled sample tile: load offline, checksums verified, sources found, blends refined."""
 
 import numpy as np
 import pytest
@@ -6,14 +6,15 @@ import pytest
 from deblend import Deblender, read_image
 from deblend.evaluate import evaluate_image
 from deblend.io import read_catalog, read_segmentation
-from deblend.models.registry import DEFAULT_MASK_RCNN, model_card, weights_path
+from deblend.models.registry import DEFAULT_MASK_RCNN, DEFAULT_PROB_UNET, model_card, weights_path
 
 
-def test_shipped_weights_have_a_model_card():
-    path = weights_path(DEFAULT_MASK_RCNN)
+@pytest.mark.parametrize("name", [DEFAULT_MASK_RCNN, DEFAULT_PROB_UNET, "unet_deterministic"])
+def test_shipped_weights_have_a_model_card(name):
+    path = weights_path(name)
     assert path.exists(), f"{path} is missing: the package ships its weights"
     assert path.stat().st_size <= 25 * 2**20
-    card = model_card(DEFAULT_MASK_RCNN)
+    card = model_card(name)
     for key in ("sha256", "data", "recipe", "hardware", "n_parameters"):
         assert key in card
 
@@ -42,7 +43,27 @@ def test_shipped_model_outputs_are_consistent(sample_result):
                                   np.asarray(cat["label"]))
     assert set(np.asarray(cat["class"])) <= {"star", "galaxy"}
     assert np.all((np.asarray(cat["class_prob"]) > 0) & (np.asarray(cat["det_score"]) <= 1))
-    assert sample_result.weights_id == model_card(DEFAULT_MASK_RCNN)["sha256"][:16]
+    assert sample_result.weights_id == (f"{model_card(DEFAULT_MASK_RCNN)['sha256'][:16]}+"
+                                        f"{model_card(DEFAULT_PROB_UNET)['sha256'][:16]}")
+
+
+def test_shipped_refinement_on_sample_tile(sample_result):
+    """Blends are found and refined: blend columns, finite segmentation errors, an uncertainty map."""
+    cat = sample_result.catalog
+    n_blend = np.asarray(cat["n_blend"])
+    blended = n_blend > 1
+    assert blended.sum() >= 4  # the sample tile has several close pairs
+    seg_err = np.asarray(cat["segment_flux_seg_err"])
+    assert np.all(np.isfinite(seg_err)) and np.all(seg_err[~blended] == 0)
+    assert np.median(seg_err[blended]) > 0
+    # the segmentation error is a spread of fluxes, smaller than the flux of the brighter blends
+    bright = blended & (np.asarray(cat["segment_flux"]) > 20 * np.asarray(cat["segment_flux_err"]))
+    assert np.all(seg_err[bright] < np.asarray(cat["segment_flux"])[bright])
+    total = np.asarray(cat["segment_flux_err_total"])
+    np.testing.assert_allclose(total, np.hypot(np.asarray(cat["segment_flux_err"]), seg_err), rtol=1e-6)
+    unc = sample_result.extensions["UNCERTAINTY"]
+    assert unc.shape == sample_result.labels.shape and 0 <= unc.min() and unc.max() <= 1
+    assert unc[sample_result.labels == 0].mean() < 0.05
 
 
 def test_same_input_same_output():

@@ -214,3 +214,50 @@ def test_mask_rcnn_option_errors(untrained_weights):
         Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=64)
     with pytest.raises(FileNotFoundError, match="train_mask_rcnn"):
         Deblender("mask-rcnn", weights="/nonexistent/weights.pt")
+
+
+# ----------------------------------------------------------------------------- refinement
+
+
+@pytest.fixture(scope="module")
+def tiny_refiner(tmp_path_factory):
+    """A tiny untrained probabilistic U-Net saved as a weights file."""
+    import torch
+
+    from deblend.models.prob_unet import build_prob_unet, save_prob_unet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny_prob_unet.pt"
+    save_prob_unet(build_prob_unet(widths=(4, 8, 8, 8), head_width=8, latent_dim=2), path, metadata={})
+    return path
+
+
+def test_refine_defaults_per_method(tiny_refiner):
+    assert Deblender("sep").refine is False
+    assert Deblender("sep", refine=True, refine_weights=tiny_refiner).refine is True
+    with pytest.raises(ValueError, match="n_samples"):
+        Deblender("sep", n_samples=1)
+
+
+def test_refined_classical_result_columns_and_extensions(scene, tiny_refiner, out_dir):
+    deblender = Deblender("sep", refine=True, refine_weights=tiny_refiner, n_samples=4, save_samples=True)
+    result = deblender.run(scene)
+    check_result(result, result.n_sources)
+    cat = result.catalog
+    for col in ("blend_id", "n_blend", "segment_flux_seg_err", "segment_flux_err_total"):
+        assert col in cat.colnames
+    assert result.extensions["UNCERTAINTY"].shape == scene.shape
+    assert result.extensions["SAMPLES"].shape == (4, *scene.shape)
+    assert deblender.config()["refine"] is True and deblender.config()["n_samples"] == 4
+    paths = result.write(out_dir, stem="refined")
+    with fits.open(paths["segmentation"]) as hdul:
+        assert {"UNCERTAINTY", "SAMPLES"} <= {h.name for h in hdul}
+        assert hdul["SAMPLES"].data.shape == (4, *scene.shape)
+
+
+def test_refinement_per_band_columns(make_scene, tiny_refiner):
+    cube = np.stack([make_scene(), 2 * make_scene()])
+    result = Deblender("sep", refine=True, refine_weights=tiny_refiner, n_samples=3).run(cube)
+    for band in ("band0", "band1"):
+        assert f"segment_flux_seg_err_{band}" in result.catalog.colnames
+        assert f"segment_flux_err_total_{band}" in result.catalog.colnames

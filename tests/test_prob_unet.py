@@ -108,3 +108,18 @@ def test_load_refuses_mask_rcnn_weights():
 def test_missing_file_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_prob_unet.py"):
         load_prob_unet(tmp_path / "nope.pt")
+
+
+def test_fast_sampling_equals_decoding_each_draw(model):
+    """`sample` folds the latent into the head's first layer; it must equal decode() per draw."""
+    with torch.no_grad():
+        model.prior.head.bias[TINY["latent_dim"]:].fill_(0.5)
+    x = torch.randn(3, 3, 16, 16)
+    fast = model.sample(x, n_samples=4, seed=7)
+    with torch.no_grad():
+        feats, prior = model.features(x), model.prior(x)
+        gen = torch.Generator().manual_seed(7)
+        eps = torch.randn((4, *prior.mean.shape), generator=gen)
+        slow = torch.stack([torch.sigmoid(model.decode(feats, prior.mean + prior.stddev * eps[s]))[:, 0]
+                            for s in range(4)], dim=1)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)

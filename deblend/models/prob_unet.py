@@ -194,7 +194,15 @@ class ProbUNet(nn.Module):
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         eps = torch.randn((n_samples, *prior.mean.shape), generator=gen).to(x.device)
         z = prior.mean[None] + prior.stddev[None] * eps  # (n_samples, batch, latent)
-        out = [torch.sigmoid(self.decode(feats, z[s]))[:, 0] for s in range(n_samples)]
+        # The head's first 1x1 convolution is linear in [features, z]: apply its feature part once
+        # and add the latent part per sample (the same numbers as `decode`, at a fraction of the cost).
+        first = self.head[0]
+        n_feat = feats.shape[1]
+        base = F.conv2d(feats, first.weight[:, :n_feat], first.bias)  # (batch, head, ny, nx)
+        shift = torch.einsum("oc,sbc->sbo", first.weight[:, n_feat:, 0, 0], z)
+        # One sample at a time: faster on a CPU than one large batch of samples (cache-sized tensors).
+        out = [torch.sigmoid(self.head[2:](F.relu(base + shift[s, :, :, None, None])))[:, 0]
+               for s in range(n_samples)]
         return torch.stack(out, dim=1)
 
 

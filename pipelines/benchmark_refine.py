@@ -1,0 +1,249 @@
+"""Benchmark of the blend refinement (probabilistic U-Net) on held-out simulations.
+
+1. Sample quality: the generalised energy distance (GED, Kohl et al. 2018) between 16
+   samples and the 8 plausible annotations of each held-out blended-source cutout
+   (`deblend.refine_training`), for the probabilistic U-Net and for the deterministic
+   U-Net of the same size trained on the same data; and the IoU of the mean mask with
+   the truth convention.
+2. Pipeline: the quality-benchmark scenes (same seeds and conditions as
+   pipelines/benchmark_quality.py) through Mask R-CNN alone, Mask R-CNN + probabilistic
+   U-Net, and Mask R-CNN + deterministic U-Net; deblend.evaluate metrics, with the mean
+   IoU and median relative flux error of blended sources, and wall time.
+3. Calibration: over matched blended sources, the fraction whose reference flux lies
+   within +-1 sigma of the measured segment_flux, sigma = the noise error alone
+   (segment_flux_err) or noise and segmentation errors in quadrature
+   (segment_flux_err_total); and a reliability plot over k sigma. Two references:
+   the flux a perfect segmentation would measure on the noiseless image (the sum of
+   the noiseless scene over the source's truth footprint; the quantity segment_flux
+   estimates), and the source's total flux (which segment fluxes also miss by their
+   aperture loss, an error no column models).
+
+Usage (from the repository root):
+    .venv/bin/python pipelines/benchmark_refine.py              # 100 scenes, 100 GED scenes
+    .venv/bin/python pipelines/benchmark_refine.py --n 5 --ged-scenes 5 --results /tmp/r   # smoke test
+
+Writes pipelines/results/refine.{json,md}, docs/refine_calibration.png and the
+probabilistic U-Net's model card metrics.
+"""
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import norm
+
+from deblend.batch import run_batch
+from deblend.evaluate import compare_methods, format_table, match_sources
+from deblend.io import read_catalog
+from deblend.models.prob_unet import load_prob_unet
+from deblend.models.registry import DEFAULT_PROB_UNET, weights_path
+from deblend.pipeline import Deblender
+from deblend.refine_training import build_refine_set, sample_ged
+from deblend.simulate import read_truth, simulate_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipelines"))
+from benchmark_quality import make_scenes, scene_config  # noqa: E402
+
+log = logging.getLogger("benchmark_refine")
+
+
+def ged_benchmark(models, n_scenes, seed):
+    """GED and IoU of each model on held-out cutouts."""
+    x, y = build_refine_set(n_scenes, seed=seed, progress=False)
+    out = {"n_examples": int(len(x)), "n_scenes": n_scenes, "seed": seed, "n_samples": 16,
+           "n_annotations": int(y.shape[1])}
+    for name, model in models.items():
+        t0 = time.perf_counter()
+        ged, iou = sample_ged(model, x, y, n_samples=16, seed=0)
+        out[name] = {"ged_mean": float(ged.mean()), "ged_sem": float(ged.std(ddof=1) / np.sqrt(len(ged))),
+                     "iou_mean_mask": float(iou.mean()), "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("GED %s: %s", name, out[name])
+    return out
+
+
+def reference_fluxes(seed, index, shape):
+    """Noiseless flux over each truth footprint, by truth id, for scene ``index``."""
+    config, scene_seed_ = scene_config(seed, index, shape)
+    scene = simulate_scene(config, seed=scene_seed_, keep_sources=True)
+    model = scene.source_images.sum(axis=0)
+    seg = scene.truth_seg
+    return np.bincount(seg.ravel(), weights=model.ravel(), minlength=len(scene.truth) + 1)[1:]
+
+
+def calibration_pairs(pred_dir, truth_dir, names, seed, shape):
+    """Measured flux, errors and reference fluxes of matched blended sources."""
+    rows = []
+    for i, name in enumerate(names):
+        _, truth, header = read_truth(truth_dir, name)
+        cat = read_catalog(Path(pred_dir) / f"{name}_cat.fits")
+        if len(cat) == 0:
+            continue
+        fwhm = float(header["PSF_FWHM"]) / float(header["PIXSCALE"])
+        p_idx, t_idx = match_sources(np.column_stack([cat["x_centroid"], cat["y_centroid"]]),
+                                     np.column_stack([truth["x"], truth["y"]]), max_distance=fwhm)
+        blended = np.asarray(truth["blended"], bool)[t_idx]
+        p_idx, t_idx = p_idx[blended], t_idx[blended]
+        ref = reference_fluxes(seed, i, shape)
+        for p, t in zip(p_idx, t_idx, strict=True):
+            rows.append((float(cat["segment_flux"][p]), float(cat["segment_flux_err"][p]),
+                         float(cat["segment_flux_seg_err"][p]), float(ref[t]), float(truth["flux"][t]),
+                         int(cat["n_blend"][p])))
+    return np.array(rows, dtype=float).reshape(-1, 6)
+
+
+def coverage(pairs):
+    """Fractions within k sigma, for the noise-only and the total error, against both references."""
+    meas, noise, seg = pairs[:, 0], pairs[:, 1], pairs[:, 2]
+    total = np.hypot(noise, seg)
+    ks = np.linspace(0.25, 3.0, 12)
+    out = {"k": ks.tolist(), "expected": (2 * norm.cdf(ks) - 1).tolist(), "n_sources": int(len(pairs)),
+           "n_with_seg_err": int((seg > 0).sum())}
+    for ref_name, ref in (("segment_reference", pairs[:, 3]), ("total_flux", pairs[:, 4])):
+        dev = np.abs(meas - ref)
+        out[ref_name] = {
+            "within_1sigma_noise": float(np.mean(dev <= noise)),
+            "within_1sigma_total": float(np.mean(dev <= total)),
+            "curve_noise": [float(np.mean(dev <= k * noise)) for k in ks],
+            "curve_total": [float(np.mean(dev <= k * total)) for k in ks],
+            "median_abs_rel_error": float(np.median(dev / np.abs(ref))),
+        }
+    return out
+
+
+def plot_calibration(cal, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    titles = {"segment_reference": "reference: noiseless flux in the truth footprint",
+              "total_flux": "reference: total flux of the source"}
+    for ax, key in zip(axes, ("segment_reference", "total_flux"), strict=True):
+        ax.plot(cal["expected"], cal[key]["curve_noise"], "o-", label="noise error only")
+        ax.plot(cal["expected"], cal[key]["curve_total"], "s-", label="noise + segmentation error")
+        ax.plot([0, 1], [0, 1], "k:", label="perfect calibration")
+        ax.set_xlabel("expected fraction within k sigma (Gaussian)")
+        ax.set_title(titles[key], fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("observed fraction of blended sources")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Flux-error calibration, {cal['n_sources']} matched blended sources")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=100, help="pipeline scenes")
+    p.add_argument("--seed", type=int, default=2000, help="the quality benchmark's seed")
+    p.add_argument("--shape", type=int, nargs=2, default=(192, 256))
+    p.add_argument("--ged-scenes", type=int, default=100)
+    p.add_argument("--ged-seed", type=int, default=12, help="training used 10 (train) and 11 (validation)")
+    p.add_argument("--prob-weights", default=DEFAULT_PROB_UNET)
+    p.add_argument("--det-weights", default="unet_deterministic")
+    p.add_argument("--workdir", default="runs/benchmark_refine")
+    p.add_argument("--results", default=str(ROOT / "pipelines" / "results"))
+    p.add_argument("--figure", default=str(ROOT / "docs" / "refine_calibration.png"))
+    p.add_argument("--no-card", action="store_true", help="do not write metrics into the model card")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    shape = tuple(args.shape)
+    results = {"command": " ".join(sys.argv)}
+
+    models = {"prob_unet": load_prob_unet(weights_path(args.prob_weights)),
+              "deterministic_unet": load_prob_unet(weights_path(args.det_weights))}
+    results["ged"] = ged_benchmark(models, args.ged_scenes, args.ged_seed)
+
+    work = Path(args.workdir)
+    if work.exists():
+        shutil.rmtree(work)
+    truth = work / "truth"
+    make_scenes(truth, args.n, args.seed, shape)
+    names = sorted(f"bench_{i:04d}" for i in range(args.n))
+    variants = {
+        "mask-rcnn": {"refine": False},
+        "mask-rcnn+prob-unet": {"refine": True, "refine_weights": args.prob_weights},
+        "mask-rcnn+det-unet": {"refine": True, "refine_weights": args.det_weights},
+    }
+    timings, dirs = {}, []
+    for name, options in variants.items():
+        deblender = Deblender("mask-rcnn", **options)
+        out = work / name
+        t0 = time.perf_counter()
+        summary = run_batch([truth], out, deblender, progress=False)
+        timings[name] = time.perf_counter() - t0
+        if summary.failed:
+            raise RuntimeError(f"{name} failed on {len(summary.failed)} scenes: {summary.failed[0].error}")
+        dirs.append(out)
+        log.info("%s: %d sources in %.1f s", name, summary.n_sources, timings[name])
+    summaries = compare_methods(dirs, truth)
+    results["pipeline"] = {}
+    for name, res in zip(variants, summaries, strict=True):
+        s = res["summary"]
+        results["pipeline"][name] = {k: s[k] for k in ("recall", "precision", "f1", "blended_recall", "mean_iou",
+                                                        "mean_iou_blended", "median_abs_flux_error",
+                                                        "median_abs_flux_error_blended", "tp_blended")}
+        results["pipeline"][name]["seconds"] = round(timings[name], 1)
+    base = timings["mask-rcnn"]
+    results["cost"] = {name: round(t / base - 1, 3) for name, t in timings.items() if name != "mask-rcnn"}
+    results["calibration"] = {}
+    for name in ("mask-rcnn+prob-unet", "mask-rcnn+det-unet"):
+        pairs = calibration_pairs(work / name, truth, names, args.seed, shape)
+        results["calibration"][name] = coverage(pairs)
+    plot_calibration(results["calibration"]["mask-rcnn+prob-unet"], Path(args.figure))
+
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "refine.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "refine.md").write_text(markdown(results, format_table(summaries)))
+    log.info("wrote %s", out_dir / "refine.md")
+    if not args.no_card:
+        card_path = weights_path(args.prob_weights).with_suffix(".json")
+        card = json.loads(card_path.read_text())
+        cal = results["calibration"]["mask-rcnn+prob-unet"]["segment_reference"]
+        card["metrics"] = {"ged": results["ged"], "pipeline": results["pipeline"],
+                           "calibration_within_1sigma": {k: v for k, v in cal.items() if k.startswith("within")},
+                           "source": "pipelines/benchmark_refine.py"}
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def markdown(r, table):
+    g = r["ged"]
+    lines = [f"Command: `{r['command']}`", "",
+             f"**Sample quality** ({g['n_examples']} held-out blended-source cutouts from {g['n_scenes']} scenes, "
+             f"{g['n_samples']} samples vs {g['n_annotations']} annotations each):", "",
+             "| model | GED (lower is better) | IoU of mean mask vs truth convention |", "|---|---|---|"]
+    for name in ("prob_unet", "deterministic_unet"):
+        lines.append(f"| {name} | {g[name]['ged_mean']:.3f} ± {g[name]['ged_sem']:.3f} | "
+                     f"{g[name]['iou_mean_mask']:.3f} |")
+    lines += ["", "**Pipeline** (deblend.evaluate on the quality-benchmark scenes):", "",
+              "| variant | recall | precision | blended recall | mean IoU | mean IoU, blended | "
+              "median abs(dflux)/flux, blended | time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in r["pipeline"].items():
+        lines.append(f"| {name} | {m['recall']:.3f} | {m['precision']:.3f} | {m['blended_recall']:.3f} | "
+                     f"{m['mean_iou']:.3f} | {m['mean_iou_blended']:.3f} | "
+                     f"{m['median_abs_flux_error_blended']:.3f} | {m['seconds']:.1f} |")
+    lines += ["", "Added time over Mask R-CNN alone: "
+              + ", ".join(f"{k}: {100 * v:+.0f}%" for k, v in r["cost"].items()), "",
+              "**Calibration** (matched blended sources; fraction within ±1σ of the measured segment_flux):", "",
+              "| variant | reference | n | σ = noise | σ = noise ⊕ segmentation |", "|---|---|---|---|---|"]
+    for name, c in r["calibration"].items():
+        for ref in ("segment_reference", "total_flux"):
+            lines.append(f"| {name} | {ref} | {c['n_sources']} | {c[ref]['within_1sigma_noise']:.3f} | "
+                         f"{c[ref]['within_1sigma_total']:.3f} |")
+    lines += ["", "Full deblend.evaluate table:", "", "```", table, "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
