@@ -54,6 +54,15 @@ def _add_run(sub):
     p.add_argument("--mask-bits", type=lambda s: int(s, 0), default=None,
                    help="bits of a MASK HDU that flag bad pixels (e.g. 0x1)")
     p.add_argument("--no-recursive", action="store_true", help="do not search directories recursively")
+    p.add_argument("--regions", action="store_true",
+                   help="also write OUTDIR/<stem>.reg: a DS9 region file with one ellipse (2 sigma) per source")
+    par = p.add_argument_group("parallel execution (needs: pip install \"deblend[parallel]\")")
+    where = par.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="start a local Dask cluster of N worker processes (torch threads per worker: "
+                            "cores // N); default: deblend in this process")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="use an existing Dask cluster, e.g. tcp://host:8786 (see README: dask-jobqueue)")
     n = p.add_argument_group("neural methods")
     n.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
     n.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
@@ -156,8 +165,9 @@ def _cmd_run(args):
         summary = run_batch(args.inputs, args.outdir, deblender, format=args.format,
                             overwrite=args.overwrite, resume=args.resume, as_bands=args.bands,
                             recursive=not args.no_recursive, progress=None if not args.quiet else False,
-                            read_options=read_options)
-    except FileNotFoundError as exc:
+                            read_options=read_options, regions=args.regions, workers=args.workers,
+                            scheduler=args.scheduler)
+    except (FileNotFoundError, ImportError, ConnectionError) as exc:  # missing input, Dask, or scheduler
         log.error("%s", exc)
         return 2
     if not summary.records:

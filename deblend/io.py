@@ -44,6 +44,8 @@ __all__ = [
     "FITS_SUFFIXES",
     "fits_stem",
     "file_checksum",
+    "ImageSections",
+    "open_image_sections",
 ]
 
 log = logging.getLogger(__name__)
@@ -248,7 +250,7 @@ def file_checksum(paths, *, chunk_size=1 << 20):
     return digest.hexdigest()
 
 
-def _open_fits(path):
+def _open_fits(path, *, memmap=False):
     """Open a FITS file, turning every low-level failure into an `InputError`."""
     path = Path(path)
     if not path.exists():
@@ -260,7 +262,7 @@ def _open_fits(path):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+            hdul = fits.open(path, memmap=memmap, lazy_load_hdus=False)
     except OSError as exc:
         msg = str(exc)
         with open(path, "rb") as fh:
@@ -840,3 +842,141 @@ def read_header(path, *, hdu=None):
     with _open_fits(path) as hdul:
         _, h = _find_image_hdu(path, hdul, hdu)
         return h.header.copy()
+
+
+@dataclass
+class ImageSections:
+    """A FITS image left on disk: header, WCS and shape at once, pixels one window at a time.
+
+    Made by `open_image_sections`; valid while its ``with`` block lasts.
+    Each `read` touches only the file pages of its window (uncompressed
+    files are memory-mapped; tile-compressed ones decompress only the tiles
+    it needs), so memory does not grow with the image.
+
+    Attributes
+    ----------
+    path : str
+    header : astropy.io.fits.Header
+    wcs : astropy.wcs.WCS or None
+        Celestial WCS of the whole image.
+    shape : tuple of int
+        ``(n_bands, ny, nx)``.
+    band_names : list of str
+    """
+
+    path: str
+    header: fits.Header
+    wcs: WCS | None
+    shape: tuple
+    band_names: list
+    _planes: dict = field(default_factory=dict, repr=False)
+    _mask_bits: int | None = None
+
+    def read(self, y0, y1, x0, x1):
+        """The window ``[y0:y1, x0:x1]`` as an `Image`, with `read_image`'s conventions.
+
+        Native float32, non-finite and flagged pixels in ``mask`` (and zeroed),
+        variance from a variance or weight HDU, ``wcs`` cut to the window. Unlike
+        `Image.from_array`, a window may be entirely masked.
+
+        Parameters
+        ----------
+        y0, y1, x0, x1 : int
+            Rows ``y0:y1`` and columns ``x0:x1`` (0-based, half-open).
+
+        Returns
+        -------
+        Image
+        """
+        window = (slice(y0, y1), slice(x0, x1))
+        cube = self._cube("data", window)
+        extra = None
+        if "mask" in self._planes:
+            mask = self._cube("mask", window, dtype=None)
+            extra = _bad_from_mask(self.path, mask, self._mask_bits)
+        variance = None
+        if "variance" in self._planes:
+            variance = self._cube("variance", window)
+        elif "weight" in self._planes:
+            weight = self._cube("weight", window)
+            with np.errstate(divide="ignore"):
+                variance = np.where(weight > 0, 1.0 / weight, np.inf).astype(np.float32)
+        if variance is not None:
+            bad_var = ~np.isfinite(variance) | (variance <= 0)
+            extra = bad_var.any(axis=0) if extra is None else extra | bad_var.any(axis=0)
+            variance = np.where(bad_var, 0.0, variance).astype(np.float32)
+        cube, bad = _mask_nonfinite(cube, extra)
+        wcs = None if self.wcs is None else self.wcs.slice(window)
+        return Image(data=cube, mask=bad, header=self.header, wcs=wcs, variance=variance, paths=[self.path],
+                     band_names=list(self.band_names))
+
+    def _cube(self, name, window, dtype=np.float32):
+        section, lead = self._planes[name]
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                arr = np.asarray(section[lead + window])
+        except (TypeError, ValueError, OSError, IndexError) as exc:
+            raise InputError(self.path, f"{name} cannot be read, the file may be truncated ({exc})") from exc
+        if dtype is not None:
+            arr = np.asarray(arr, dtype=dtype)
+        if arr.ndim == 2:
+            arr = arr[np.newaxis]
+        return np.ascontiguousarray(arr)
+
+
+def _plane_section(path, hdu, what, cube_shape):
+    """``(section, leading index)`` of an image HDU whose data is a 2-D/3-D plane of ``cube_shape``."""
+    shape = _header_shape(hdu.header)
+    lead = ()
+    while len(shape) > 3 and shape[0] == 1:
+        shape, lead = shape[1:], (*lead, 0)
+    if len(shape) not in (2, 3):
+        raise InputError(path, f"wrong dimensionality: {what} HDU {hdu.name!r} has shape {shape}; deblend needs a "
+                         "2-D image or a 3-D cube (bands, y, x)")
+    if any(n == 0 for n in shape):
+        raise InputError(path, f"zero size: {what} HDU {hdu.name!r} has shape {shape}")
+    if cube_shape is not None and tuple(shape[-2:]) != tuple(cube_shape[-2:]):
+        raise InputError(path, f"{what} HDU {hdu.name!r} has shape {shape}, image has {tuple(cube_shape)}")
+    return (hdu.section, lead), shape
+
+
+@contextlib.contextmanager
+def open_image_sections(path, *, hdu=None, mask_bits=None):
+    """Open a FITS image for reading it one window at a time (memory-mapped), like `read_image` does whole.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        One plain or tile-compressed (``.fz``) FITS file; gzip-compressed
+        files cannot be read by window (use `read_image`).
+    hdu : int or str, optional
+        HDU holding the image; default: the first with 2-D or 3-D data.
+    mask_bits : int, optional
+        Bits of a mask HDU that flag bad pixels (see `read_image`).
+
+    Yields
+    ------
+    ImageSections
+
+    Raises
+    ------
+    InputError
+        If the file cannot be read, has no image HDU, or its data has the
+        wrong dimensionality or zero size.
+    """
+    with _open_fits(path, memmap=True) as hdul:
+        index, h = _find_image_hdu(path, hdul, hdu)
+        planes = {}
+        planes["data"], shape = _plane_section(path, h, f"HDU {index}", None)
+        cube_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
+        for name, names in (("variance", _VARIANCE_NAMES), ("weight", _WEIGHT_NAMES), ("mask", _MASK_NAMES)):
+            aux = _named_hdu(hdul, names)
+            if aux is not None and aux is not h:
+                planes[name], _ = _plane_section(path, aux, name, cube_shape)
+        header = h.header.copy()
+        if cube_shape[0] == 1:
+            names = [str(header.get("FILTER", header.get("BAND", fits_stem(path)))).strip() or fits_stem(path)]
+        else:
+            names = [f"band{i}" for i in range(cube_shape[0])]
+        yield ImageSections(path=str(path), header=header, wcs=_celestial_wcs(path, header), shape=cube_shape,
+                            band_names=names, _planes=planes, _mask_bits=mask_bits)

@@ -432,3 +432,141 @@ def test_unwritable_manifest_does_not_stop_the_batch(input_dir, tmp_path, caplog
     summary = run(good_files(input_dir), outdir)
     assert summary.n_ok == 3 and summary.manifest is None
     assert "cannot write the manifest" in caplog.text
+
+
+# ---------------------------------------------------------------- regions, Dask execution
+
+
+def test_regions_written_with_one_region_per_source(input_dir, tmp_path, count_calls):
+    from regions import Regions
+
+    outdir = tmp_path / "out"
+    summary = run(good_files(input_dir), outdir, regions=True)
+    for record in summary.records:
+        stem = Path(record.path).name.split(".")[0]
+        assert Path(record.outputs["regions"]) == outdir.resolve() / f"{stem}.reg"
+        regions = Regions.read(record.outputs["regions"], format="ds9")
+        assert len(regions) == len(read_catalog(record.outputs["catalog"])) == record.n_sources
+    # resume: the region files are outputs too; a run without them does not count for a run with them
+    count_calls["calls"].clear()
+    (outdir / "b.reg").unlink()
+    resumed = run(good_files(input_dir), outdir, resume=True, regions=True)
+    assert [r.status for r in resumed.records] == ["skipped", "ok", "skipped"] and len(count_calls["calls"]) == 1
+    plain = tmp_path / "plain"
+    run(good_files(input_dir), plain)
+    count_calls["calls"].clear()
+    with_regions = run(good_files(input_dir), plain, resume=True, regions=True)
+    assert [r.status for r in with_regions.records] == ["ok"] * 3 and (plain / "a.reg").exists()
+
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture
+def cluster():
+    """A small in-process Dask cluster (threads, no worker processes: quick to start)."""
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as c:
+        yield c
+
+
+@pytest.fixture
+def restore_worker_state():
+    """In-process Dask workers set torch threads in this process: put them back afterwards."""
+    import deblend.batch
+
+    torch = pytest.importorskip("torch")
+    threads, state = torch.get_num_threads(), dict(deblend.batch._WORKER_STATE)
+    yield
+    torch.set_num_threads(threads)
+    deblend.batch._WORKER_STATE.update(state)
+
+
+def comparable(records):
+    """What must not depend on where the inputs were deblended (not durations, timestamps, order or OUTDIR)."""
+    keys = ("path", "status", "n_sources", "error", "error_type", "checksum", "config", "format")
+    return sorted((*(json.dumps(r.to_dict()[k], sort_keys=True) for k in keys),
+                   sorted((k, Path(v).name) for k, v in r.outputs.items())) for r in records)
+
+
+def test_scheduler_gives_the_same_records_and_outputs(input_dir, tmp_path, cluster, restore_worker_state):
+    serial = run([input_dir], tmp_path / "serial")
+    dask = run([input_dir], tmp_path / "dask", scheduler=cluster.scheduler_address)
+    assert [r.path for r in dask.records] == [r.path for r in serial.records]  # summary in input order
+    assert comparable(dask.records) == comparable(serial.records)
+    assert len(serial.failed) == 3
+    assert len(read_manifest(tmp_path / "dask")) == 6  # written by the client, one line per input
+    for name in ("a", "b", "c"):
+        np.testing.assert_array_equal(read_segmentation(tmp_path / "serial" / f"{name}_seg.fits")[0],
+                                      read_segmentation(tmp_path / "dask" / f"{name}_seg.fits")[0])
+
+
+def test_scheduler_client_resume_and_refusal(input_dir, tmp_path, cluster, count_calls, restore_worker_state):
+    outdir = tmp_path / "out"
+    with distributed.Client(cluster) as client:
+        first = run(good_files(input_dir)[:2], outdir, scheduler=client)
+        assert [r.status for r in first.records] == ["ok", "ok"]
+        refused = run(good_files(input_dir), outdir, scheduler=client)
+        assert [r.error_type for r in refused.records] == ["OutputExists", "OutputExists", ""]
+        count_calls["calls"].clear()
+        resumed = run(good_files(input_dir), outdir, resume=True, scheduler=client)
+        assert [r.status for r in resumed.records] == ["skipped", "skipped", "skipped"]
+        assert count_calls["calls"] == []  # c was done by the refused run, which wrote its record
+        assert client.status == "running"  # a Client passed in is left open
+
+
+def test_interrupt_with_dask_then_resume(input_dir, tmp_path, cluster, monkeypatch, count_calls,
+                                         restore_worker_state, temp_files_under):
+    import deblend.batch
+
+    real = deblend.batch._Manifest.append
+    appended = []
+
+    def interrupted(self, record):  # Ctrl-C reaches the client after two inputs were recorded
+        if len(appended) == 2:
+            raise KeyboardInterrupt
+        appended.append(record.path)
+        real(self, record)
+
+    monkeypatch.setattr(deblend.batch._Manifest, "append", interrupted)
+    outdir = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(good_files(input_dir), outdir, scheduler=cluster.scheduler_address)
+    monkeypatch.setattr(deblend.batch._Manifest, "append", real)
+    assert [r.path for r in read_manifest(outdir)] == appended
+    count_calls["calls"].clear()
+    resumed = run(good_files(input_dir), outdir, resume=True, scheduler=cluster.scheduler_address)
+    done = {r.path: r.status for r in resumed.records}
+    assert all(done[path] == "skipped" for path in appended)  # none of the finished ones redone
+    assert len(count_calls["calls"]) == 1 and temp_files_under(outdir) == []
+    assert len(list(outdir.glob("*_cat.fits"))) == 3
+
+
+def test_torch_threads_per_task(input_dir, tmp_path, cluster, restore_worker_state):
+    import deblend.batch
+
+    run(good_files(input_dir)[:1], tmp_path / "out", scheduler=cluster.scheduler_address)
+    cores = deblend.batch._visible_cores()
+    # one worker on this host running 2 tasks at once: each task gets half the cores
+    assert deblend.batch._WORKER_STATE["torch_threads"] == max(1, cores // 2)
+
+
+def test_serial_runs_without_dask(input_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed now fails
+    assert run(good_files(input_dir), tmp_path / "out").n_ok == 3
+    with pytest.raises(ImportError, match=re.escape('pip install "deblend[parallel]"')):
+        run(good_files(input_dir), tmp_path / "out2", workers=2)
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"workers": 0}, "workers must be a positive integer.*got 0"),
+    ({"workers": 1.5}, "workers must be a positive integer"),
+    ({"workers": 2, "scheduler": "tcp://localhost:8786"}, "workers=2 and scheduler='tcp://localhost:8786' exclude"),
+    ({"scheduler": " "}, "scheduler must be a Dask scheduler address"),
+])
+def test_parallel_option_errors(input_dir, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(good_files(input_dir), tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()

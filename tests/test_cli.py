@@ -223,3 +223,91 @@ def test_merge_command(scene_file, tmp_path, capsys, caplog):
     assert main(["-q", "merge", str(outdir), "-o", str(tmp_path / "s.ecsv"), "--match-radius", "0"]) == 2
     assert main(["-q", "merge", str(tmp_path / "missing"), "-o", str(tmp_path / "s.ecsv")]) == 2
     assert not (tmp_path / "s.ecsv").exists()
+
+
+# ---------------------------------------------------------------- batch: bad files, regions, Dask (issue 5)
+
+
+def test_run_ten_good_and_three_bad_files(tmp_path, write_fits, make_scene, make_header, bad_files, capsys):
+    for i in range(10):
+        write_fits(f"in/tile{i:02d}.fits", make_scene(seed=i), header=make_header())
+    bad = {"corrupt.fits": bad_files["truncated_data"], "notfits.fits": bad_files["not_fits"],
+           "empty_hdu.fits": bad_files["header_only"]}
+    for name, path in bad.items():
+        shutil.copy(path, tmp_path / "in" / name)
+    outdir = tmp_path / "out"
+    assert main(["run", "--method", "sep", str(tmp_path / "in"), "-o", str(outdir)]) == 1
+    assert outputs(outdir) == sorted(f"tile{i:02d}_{kind}.fits" for i in range(10) for kind in ("cat", "seg"))
+    records = read_manifest(outdir)
+    assert len(records) == 13 and sum(r.status == "ok" for r in records) == 10
+    failed = {r.path.rsplit("/", 1)[-1]: r for r in records if r.status == "failed"}
+    assert set(failed) == set(bad)
+    causes = {"corrupt.fits": "truncated", "notfits.fits": "not a FITS file", "empty_hdu.fits": "no image HDU"}
+    for name, cause in causes.items():
+        assert failed[name].error_type == "InputError" and cause in failed[name].error
+        assert failed[name].error.startswith(str(tmp_path / "in" / name))
+    err = capsys.readouterr().err
+    assert "10 of 13 inputs deblended" in err and all(f"FAILED {tmp_path / 'in' / n}" in err for n in bad)
+
+
+def test_run_regions(scene_file, tmp_path):
+    from regions import Regions
+
+    outdir = tmp_path / "out"
+    assert main(["-q", "run", "--method", "sep", "--regions", str(scene_file), "-o", str(outdir)]) == 0
+    assert outputs(outdir) == ["scene.reg", "scene_cat.fits", "scene_seg.fits"]
+    regions = Regions.read(str(outdir / "scene.reg"), format="ds9")
+    assert len(regions) == len(read_catalog(outdir / "scene_cat.fits")) == 3
+    assert "icrs" in (outdir / "scene.reg").read_text()  # the input has a WCS
+
+
+def test_run_serial_workers_and_scheduler_give_identical_catalogs(tmp_path, write_fits, make_scene, make_header,
+                                                                 bad_files):
+    distributed = pytest.importorskip("distributed")
+    torch = pytest.importorskip("torch")
+    for i in range(4):
+        write_fits(f"in/tile{i}.fits", make_scene(seed=i), header=make_header())
+    shutil.copy(bad_files["not_fits"], tmp_path / "in" / "notfits.fits")
+    base = ["-q", "run", "--method", "sep", "--regions", str(tmp_path / "in"), "-o"]
+    assert main([*base, str(tmp_path / "serial")]) == 1
+    assert main([*base, str(tmp_path / "workers"), "--workers", "2"]) == 1
+    threads = torch.get_num_threads()
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as c:
+        assert main([*base, str(tmp_path / "scheduler"), "--scheduler", c.scheduler_address]) == 1
+    torch.set_num_threads(threads)  # in-process workers set it for this process
+    names = outputs(tmp_path / "serial")
+    assert len(names) == 12
+    for mode in ("workers", "scheduler"):
+        assert outputs(tmp_path / mode) == names
+        for name in names:
+            if name.endswith("_cat.fits"):
+                a, b = read_catalog(tmp_path / "serial" / name), read_catalog(tmp_path / mode / name)
+                assert a.colnames == b.colnames and len(a) == len(b) == 3
+                for col in a.colnames:
+                    np.testing.assert_array_equal(np.asarray(a[col]), np.asarray(b[col]))
+            elif name.endswith(".reg"):
+                assert (tmp_path / mode / name).read_text() == (tmp_path / "serial" / name).read_text()
+            else:
+                np.testing.assert_array_equal(fits.getdata(tmp_path / mode / name),
+                                              fits.getdata(tmp_path / "serial" / name))
+        serial, other = read_manifest(tmp_path / "serial"), read_manifest(tmp_path / mode)
+        key = [(r.path, r.status, r.n_sources, r.checksum, r.error_type) for r in serial]
+        assert sorted(key) == sorted((r.path, r.status, r.n_sources, r.checksum, r.error_type) for r in other)
+
+
+def test_run_workers_and_scheduler_exclude_each_other(scene_file, tmp_path, capsys):
+    argv = ["run", "--method", "sep", str(scene_file), "-o", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--workers", "2", "--scheduler", "tcp://localhost:8786"])
+    assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert main(["-q", *argv, "--workers", "0"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_workers_without_dask(scene_file, tmp_path, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    assert main(["-q", "run", "--method", "sep", str(scene_file), "-o", str(tmp_path / "out"), "--workers", "2"]) == 2
+    assert 'pip install "deblend[parallel]"' in caplog.text
+    assert main(["-q", "run", "--method", "sep", str(scene_file), "-o", str(tmp_path / "out")]) == 0
