@@ -56,6 +56,9 @@ def _add_run(sub):
     p.add_argument("--no-recursive", action="store_true", help="do not search directories recursively")
     p.add_argument("--regions", action="store_true",
                    help="also write OUTDIR/<stem>.reg: a DS9 region file with one ellipse (2 sigma) per source")
+    p.add_argument("--quicklook", action="store_true",
+                   help="also write OUTDIR/<stem>_quicklook.png: the image with the segmentation outlines "
+                        "(a plot that fails is a warning, never a failed input)")
     par = p.add_argument_group("parallel execution (needs: pip install \"deblend[parallel]\")")
     where = par.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=None, metavar="N",
@@ -166,7 +169,7 @@ def _cmd_run(args):
                             overwrite=args.overwrite, resume=args.resume, as_bands=args.bands,
                             recursive=not args.no_recursive, progress=None if not args.quiet else False,
                             read_options=read_options, regions=args.regions, workers=args.workers,
-                            scheduler=args.scheduler)
+                            scheduler=args.scheduler, quicklook=args.quicklook)
     except (FileNotFoundError, ImportError, ConnectionError) as exc:  # missing input, Dask, or scheduler
         log.error("%s", exc)
         return 2

@@ -225,6 +225,52 @@ def test_merge_command(scene_file, tmp_path, capsys, caplog):
     assert not (tmp_path / "s.ecsv").exists()
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_quicklook(tmp_path, write_fits, make_scene):
+    write_fits("in/a.fits", make_scene(seed=1))
+    write_fits("in/b.fits", make_scene(seed=2))
+    outdir = tmp_path / "out"
+    assert main(["-q", "run", "--method", "sep", "--quicklook", str(tmp_path / "in"), "-o", str(outdir)]) == 0
+    assert outputs(outdir) == ["a_cat.fits", "a_quicklook.png", "a_seg.fits",
+                               "b_cat.fits", "b_quicklook.png", "b_seg.fits"]
+    assert (outdir / "a_quicklook.png").read_bytes()[:8] == PNG_MAGIC
+    records = read_manifest(outdir)
+    assert [r.outputs["quicklook"] for r in records] == [str(outdir / "a_quicklook.png"),
+                                                         str(outdir / "b_quicklook.png")]
+
+
+def test_run_quicklook_failure_does_not_stop_the_batch(tmp_path, write_fits, make_scene, monkeypatch, caplog):
+    write_fits("in/a.fits", make_scene(seed=1))
+    write_fits("in/b.fits", make_scene(seed=2))
+    from deblend.result import DeblendResult
+
+    plot = DeblendResult.plot
+
+    def plot_fails_on_a(self, *args, **kwargs):
+        if self.image.path.endswith("a.fits"):
+            raise RuntimeError("cannot draw this one")
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeblendResult, "plot", plot_fails_on_a)
+    outdir = tmp_path / "out"
+    assert main(["-q", "run", "--method", "sep", "--quicklook", str(tmp_path / "in"), "-o", str(outdir)]) == 0
+    assert outputs(outdir) == ["a_cat.fits", "a_seg.fits", "b_cat.fits", "b_quicklook.png", "b_seg.fits"]
+    assert "a.fits" in caplog.text and "quick-look" in caplog.text and "cannot draw this one" in caplog.text
+    assert [r.status for r in read_manifest(outdir)] == ["ok", "ok"]
+
+
+def test_run_resume_adds_missing_quicklooks(scene_file, tmp_path):
+    outdir = tmp_path / "out"
+    argv = ["-q", "run", "--method", "sep", str(scene_file), "-o", str(outdir)]
+    assert main(argv) == 0
+    assert main([*argv, "--resume", "--quicklook"]) == 0  # the quick-look is missing: redone
+    assert (outdir / "scene_quicklook.png").exists()
+    assert main([*argv, "--resume", "--quicklook"]) == 0  # now everything is there: skipped
+    assert [r.status for r in read_manifest(outdir)] == ["ok", "ok", "skipped"]
+
+
 # ---------------------------------------------------------------- batch: bad files, regions, Dask (issue 5)
 
 
