@@ -279,6 +279,7 @@ def _open_fits(path, *, memmap=False):
     except Exception as exc:  # astropy raises assorted types on garbage headers
         raise InputError(path, f"cannot be read as FITS ({type(exc).__name__}: {exc})") from exc
     _raise_if_truncated(path, caught)
+    _fix_unparsable_cards(path, hdul)
     return hdul
 
 
@@ -380,7 +381,42 @@ def _celestial_wcs(path, header):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not wcs.has_celestial:
         return None
-    return wcs.celestial
+    celestial = wcs.celestial
+    # an infinite reference value (e.g. CRPIX2 = 1e999) passes wcslib but puts every source at a wrong position
+    if not (np.isfinite(celestial.wcs.crpix).all() and np.isfinite(celestial.wcs.crval).all()
+            and np.isfinite(celestial.pixel_scale_matrix).all()):
+        warnings.warn(f"{path}: broken WCS ignored (non-finite reference pixel, value or scale); "
+                      "pixel outputs are still written", WCSWarning, stacklevel=2)
+        return None
+    return celestial
+
+
+def _fix_unparsable_cards(path, hdul):
+    """Turn header values astropy cannot parse (``FILTER = NaN``, ``CRVAL1 = 1.0.0``) into strings, with a warning.
+
+    Reading such a card raises `astropy.io.fits.VerifyError` wherever it is used (HDU names, band
+    names, output headers), failing a file whose pixels are fine. As strings they are kept, and a
+    WCS keyword among them makes a broken WCS (see `_celestial_wcs`); a card that cannot be fixed
+    is removed. Only the in-memory headers change.
+    """
+    fixed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        for hdu in hdul:
+            for index in reversed(range(len(hdu.header))):
+                card = hdu.header.cards[index]
+                try:
+                    card.value  # noqa: B018 (parsing is the point)
+                    continue
+                except (fits.VerifyError, ValueError):
+                    fixed.append(card.keyword)
+                try:
+                    card.verify("silentfix")
+                    card.value  # noqa: B018
+                except Exception:  # noqa: BLE001 (astropy's fixers raise assorted types)
+                    del hdu.header[index]
+    if fixed:
+        log.warning("%s: unparsable header values read as text: %s", path, ", ".join(reversed(fixed)))
 
 
 def _named_hdu(hdul, names):
@@ -580,6 +616,11 @@ def atomic_path(path, *, overwrite=True):
             tmp.unlink()
 
 
+def _fits_text(text):
+    """``text`` as printable ASCII for a FITS card: other characters as backslash escapes."""
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 def provenance_cards(*, method=None, weights_id=None, input_path=None, extra=None):
     """Provenance FITS cards: package version, method, weights id, date, input.
 
@@ -605,7 +646,7 @@ def provenance_cards(*, method=None, weights_id=None, input_path=None, extra=Non
         cards.append(("DBMETHOD", str(method), "deblending method"))
     cards.append(("DBWEIGHT", str(weights_id) if weights_id else "none", "model weights id (sha256 prefix)"))
     if input_path is not None:
-        cards.append(("DBINPUT", Path(input_path).name[:68], "input file"))
+        cards.append(("DBINPUT", _fits_text(Path(input_path).name)[:68], "input file"))
     for key, value in (extra or {}).items():
         cards.append((key, value, ""))
     return cards
@@ -766,6 +807,11 @@ def _flatten_for_format(table, fmt):
             else:
                 meta[str(key)[:8].upper() if fmt == "fits" else key] = str(value)
         out.meta = meta
+    if fmt == "fits":  # FITS headers hold printable ASCII only (band names may come from file names)
+        out.meta = {key: _fits_text(value) if isinstance(value, str) else value for key, value in out.meta.items()}
+        for name in out.colnames:
+            if _fits_text(name) != name:
+                out.rename_column(name, _fits_text(name))
     if fmt in ("csv", "parquet", "votable"):
         out = Table(out)
     return out

@@ -77,6 +77,15 @@ def _global_background(band, mask):
     return float(median), float(std)
 
 
+def _mesh_usable(bad, bw, bh):
+    """Whether any SEP mesh box has at least half of its pixels unmasked.
+
+    When none has, SEP silently returns a background of 0 and a σ of 1 everywhere.
+    """
+    ny, nx = bad.shape
+    return any((~bad[y:y + bh, x:x + bw]).mean() >= 0.5 for y in range(0, ny, bh) for x in range(0, nx, bw))
+
+
 def estimate_background(image, *, box_size=64, filter_size=3, mask=None):
     """Estimate background level and noise σ maps for every band.
 
@@ -118,13 +127,15 @@ def estimate_background(image, *, box_size=64, filter_size=3, mask=None):
     level = np.empty_like(image.data)
     rms = np.empty_like(image.data)
     global_rms = np.empty(image.n_bands)
+    bw, bh = min(int(box_size), nx), min(int(box_size), ny)
+    use_mesh = (min(ny, nx) >= _MIN_MESH_PIXELS and (~bad).sum() >= 4 * _MIN_MESH_PIXELS
+                and _mesh_usable(bad, bw, bh))  # e.g. a mask over most of the image leaves no usable box
     for b in range(image.n_bands):
         band = image.data[b]
-        if min(ny, nx) < _MIN_MESH_PIXELS or (~bad).sum() < 4 * _MIN_MESH_PIXELS:
+        if not use_mesh:
             med, std = _global_background(band, bad)
             level[b], rms[b] = med, std
         else:
-            bw, bh = min(int(box_size), nx), min(int(box_size), ny)
             bkg = sep.Background(band, mask=bad, bw=bw, bh=bh, fw=int(filter_size), fh=int(filter_size))
             level[b] = bkg.back()
             rms[b] = bkg.rms()
@@ -223,8 +234,16 @@ def prepare(image, *, box_size=64, filter_size=3):
     Prepared
     """
     background = estimate_background(image, box_size=box_size, filter_size=filter_size)
-    data = image.data - background.level
-    data[:, image.mask] = 0.0
-    detection, detection_rms = detection_image(data, background.rms, mask=image.mask)
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = image.data - background.level
+    # values near the float32 limit (~3.4e38) can overflow here: mask them, never pass inf on
+    overflow = ~np.isfinite(data).all(axis=0) & ~image.mask
+    mask = image.mask
+    if overflow.any():
+        log.warning("%s: %d pixels overflow float32 after background subtraction; masked",
+                    image.path, int(overflow.sum()))
+        mask = image.mask | overflow
+    data[:, mask] = 0.0
+    detection, detection_rms = detection_image(data, background.rms, mask=mask)
     return Prepared(data=data, background=background, detection=detection,
-                    detection_rms=detection_rms, mask=image.mask)
+                    detection_rms=detection_rms, mask=mask)
