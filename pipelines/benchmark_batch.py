@@ -106,11 +106,12 @@ def _measure_child(cmd):
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
-    maxrss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    maxrss_kib = usage.ru_maxrss
     if sys.platform == "darwin":  # bytes there
         maxrss_kib //= 1024
     print("MEASURE " + json.dumps({"rc": proc.returncode, "wall_s": wall, "peak_rss_mib": maxrss_kib / 1024,
-                                   "stderr_tail": proc.stderr[-1500:]}))
+                                   "cpu_s": usage.ru_utime + usage.ru_stime, "stderr_tail": proc.stderr[-1500:]}))
 
 
 def deblend_cmd(inputs, outdir, method, extra=()):
@@ -142,7 +143,8 @@ def run_memory(args, work):
             result = measure(make([image], outdir, method))
             rows.append({"method": method, "mode": mode, "size": args.size, "image_mib": args.size ** 2 * 4 / 2 ** 20,
                          "peak_rss_mib": round(result["peak_rss_mib"], 1), "wall_s": round(result["wall_s"], 1),
-                         "rc": result["rc"], "n_sources": _manifest_sources(outdir)})
+                         "cpu_s": round(result["cpu_s"], 1), "rc": result["rc"],
+                         "n_sources": _manifest_sources(outdir)})
             if result["rc"] != 0:
                 rows[-1]["error"] = result["stderr_tail"]
             print(f"  {rows[-1]}", flush=True)
@@ -189,6 +191,7 @@ def run_throughput(args, work):
                    "files_per_s": round(args.n_tiles / result["wall_s"], 3),
                    "mpix_per_s": round(mpix / result["wall_s"], 3),
                    "mean_file_s": round(float(np.mean(durations)), 3) if durations else None,
+                   "cpu_s": round(result["cpu_s"], 1),
                    "n_ok": len(durations), "n_sources": _manifest_sources(outdir),
                    "largest_process_peak_rss_mib": round(result["peak_rss_mib"], 1)}
             if result["rc"] != 0:
@@ -228,11 +231,12 @@ def write_results(out, results, argv):
                   "TAN WCS. *windows*: what `deblend run` does (memory-mapped, window by window, "
                   "`deblend.largeimage`); *whole*: the same run reading the image whole "
                   "(`run_batch(..., large_image_pixels=None)`).", "",
-                  "| method | mode | image | image size | peak RSS | wall time | sources | exit |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| method | mode | image | image size | peak RSS | wall time | CPU time | sources | exit |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in results["memory"]:
             lines.append(f"| {r['method']} | {r['mode']} | {r['size']}×{r['size']} | {r['image_mib']:.0f} MiB | "
-                         f"{r['peak_rss_mib'] / 1024:.2f} GiB | {r['wall_s']:.0f} s | {r['n_sources']} | {r['rc']} |")
+                         f"{r['peak_rss_mib'] / 1024:.2f} GiB | {r['wall_s']:.0f} s | {r['cpu_s']:.0f} s | "
+                         f"{r['n_sources']} | {r['rc']} |")
         lines.append("")
     if results.get("throughput"):
         lines += ["## Throughput over many tiles", "",
