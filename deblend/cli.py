@@ -73,6 +73,17 @@ def _add_run(sub):
     n.add_argument("--score-threshold", type=float, default=0.5, help="minimum detection score (default 0.5)")
     n.add_argument("--window-size", type=int, default=256, help="network window in pixels (default 256)")
     n.add_argument("--overlap", type=int, default=48, help="overlap of windows in pixels (default 48)")
+    r = p.add_argument_group("blend refinement (probabilistic U-Net; default on for mask-rcnn)")
+    onoff = r.add_mutually_exclusive_group()
+    onoff.add_argument("--no-refine", dest="refine", action="store_false", default=None,
+                       help="keep the detector's masks; no segmentation errors")
+    onoff.add_argument("--refine", dest="refine", action="store_true",
+                       help="refine blends of a classical method's segmentation too")
+    r.add_argument("--samples", type=int, default=16, metavar="N", help="samples per blend group (default 16)")
+    r.add_argument("--save-samples", action="store_true",
+                   help="also write the sampled label maps as a SAMPLES cube in <stem>_seg.fits")
+    r.add_argument("--refine-weights", default=None,
+                   help="probabilistic U-Net weights name or .pt file (default: the shipped model)")
     g = p.add_argument_group("classical options (SExtractor names; photutils equivalents in brackets)")
     g.add_argument("--thresh", type=float, default=None, help="detection threshold in σ [nsigma] (1.5)")
     g.add_argument("--minarea", type=int, default=None, help="minimum pixels per source [n_pixels] (5)")
@@ -156,7 +167,8 @@ def _cmd_run(args):
                               deblend_nthresh=args.deblend_nthresh, deblend_cont=args.deblend_cont,
                               device=args.device, batch_size=args.batch_size, weights=args.weights,
                               score_threshold=args.score_threshold, window_size=args.window_size,
-                              overlap=args.overlap)
+                              overlap=args.overlap, refine=args.refine, n_samples=args.samples,
+                              save_samples=args.save_samples, refine_weights=args.refine_weights)
     except FileNotFoundError as exc:  # missing weights: the message says how to get them
         log.error("%s", exc)
         return 2

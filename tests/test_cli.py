@@ -357,3 +357,26 @@ def test_run_workers_without_dask(scene_file, tmp_path, monkeypatch, caplog):
     assert main(["-q", "run", "--method", "sep", str(scene_file), "-o", str(tmp_path / "out"), "--workers", "2"]) == 2
     assert 'pip install "deblend[parallel]"' in caplog.text
     assert main(["-q", "run", "--method", "sep", str(scene_file), "-o", str(tmp_path / "out")]) == 0
+
+
+def test_run_refinement_options(scene_file, tmp_path):
+    """--refine on a classical method with --samples and --save-samples; --no-refine keeps it off."""
+    import torch
+
+    from deblend.models.prob_unet import build_prob_unet, save_prob_unet
+
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    save_prob_unet(build_prob_unet(widths=(4, 8, 8, 8), head_width=8, latent_dim=2), weights, metadata={})
+    outdir = tmp_path / "out"
+    assert main(["run", "--method", "sep", "--refine", "--refine-weights", str(weights), "--samples", "3",
+                 "--save-samples", str(scene_file), "-o", str(outdir)]) == 0
+    with fits.open(outdir / "scene_seg.fits") as hdul:
+        assert hdul["UNCERTAINTY"].data.shape == hdul[0].data.shape
+        assert hdul["SAMPLES"].data.shape == (3, *hdul[0].data.shape)
+    cat = read_catalog(outdir / "scene_cat.fits")
+    assert {"blend_id", "n_blend", "segment_flux_seg_err", "segment_flux_err_total"} <= set(cat.colnames)
+    args = build_parser().parse_args(["run", "x.fits", "-o", "o", "--no-refine"])
+    assert args.refine is False and build_parser().parse_args(["run", "x.fits", "-o", "o"]).refine is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "x.fits", "-o", "o", "--refine", "--no-refine"])
