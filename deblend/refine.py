@@ -159,7 +159,8 @@ class Refinement:
     ----------
     labels : ndarray of int32, shape (ny, nx)
         Refined label map (same labels as the input map; every label keeps at
-        least one pixel).
+        least one pixel: a group whose refinement would leave a member without
+        pixels keeps the input labels and is not counted as refined).
     uncertainty : ndarray of float32, shape (ny, nx)
         Fraction of samples in which a pixel's label differs from the final
         one (0 outside refined groups).
@@ -291,9 +292,9 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         owner = np.where(probs.max(axis=0) > 0.5, members[best], 0)  # (S, h, w)
         mean = probs.mean(axis=1)
         final = np.where(mean.max(axis=0) > 0.5, members[mean.argmax(axis=0)], 0)
-        for k in members:  # a source the U-Net gives no pixel keeps its detector mask
-            if not (final == k).any():
-                final[(lab == k) & allowed] = k
+        if not np.isin(members, final).all():  # never lose a source: keep the detector's masks
+            log.debug("blend group %d: the U-Net gives a member no pixel; its detector masks are kept", gid)
+            continue
         region = (slice(max(y0, 0), y0 + h), slice(max(x0, 0), x0 + w))
         crop_region = (slice(max(y0, 0) - y0, max(y0, 0) - y0 + out[region].shape[0]),
                        slice(max(x0, 0) - x0, max(x0, 0) - x0 + out[region].shape[1]))

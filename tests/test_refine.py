@@ -179,3 +179,21 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="positions"):
         refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([1.0]),
                       positions=np.zeros((1, 2)))
+
+
+class FirstClaimsAllModel(DiscModel):
+    """Stand-in network: the first member claims a wide disc, the others nothing."""
+
+    def sample(self, x, *, n_samples, seed):
+        out = torch.zeros((len(x), n_samples, *x.shape[2:]))
+        out[0] = super().sample(x[:1], n_samples=n_samples, seed=seed)[0]
+        return out
+
+
+def test_group_that_would_lose_a_member_keeps_its_labels():
+    """Regression (real KiDS image): a member left with no pixel must not vanish from the map."""
+    labels, pos = two_blobs()
+    r = refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=FirstClaimsAllModel([20.0]),
+                      positions=pos, n_samples=2)
+    np.testing.assert_array_equal(r.labels, labels)
+    assert not r.refined.any() and np.all(r.flux_spread() == 0)
