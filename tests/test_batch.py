@@ -459,11 +459,14 @@ def test_regions_written_with_one_region_per_source(input_dir, tmp_path, count_c
     assert [r.status for r in with_regions.records] == ["ok"] * 3 and (plain / "a.reg").exists()
 
 
-distributed = pytest.importorskip("distributed")
+@pytest.fixture
+def distributed():
+    """The Dask distributed module (the tests that need it are skipped without it)."""
+    return pytest.importorskip("distributed")
 
 
 @pytest.fixture
-def cluster():
+def cluster(distributed):
     """A small in-process Dask cluster (threads, no worker processes: quick to start)."""
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as c:
         yield c
@@ -500,7 +503,8 @@ def test_scheduler_gives_the_same_records_and_outputs(input_dir, tmp_path, clust
                                       read_segmentation(tmp_path / "dask" / f"{name}_seg.fits")[0])
 
 
-def test_scheduler_client_resume_and_refusal(input_dir, tmp_path, cluster, count_calls, restore_worker_state):
+def test_scheduler_client_resume_and_refusal(input_dir, tmp_path, distributed, cluster, count_calls,
+                                             restore_worker_state):
     outdir = tmp_path / "out"
     with distributed.Client(cluster) as client:
         first = run(good_files(input_dir)[:2], outdir, scheduler=client)
