@@ -185,16 +185,17 @@ class Deblender:
             image = Image.from_array(image)
         prepared = prepare(image, box_size=self.box_size, filter_size=self.filter_size)
         instances = None
+        normalized = prepared.normalized() if (self.refine or self.method not in CLASSICAL) else None
         if self.method in CLASSICAL:
             labels = CLASSICAL[self.method](prepared.detection, prepared.detection_rms,
                                             mask=prepared.mask, **self.options)
         else:
-            labels, instances = self._segment(prepared)
+            labels, instances = self._segment(prepared, normalized)
         refinement = None
         if self.refine:
             flux_images = prepared.data if prepared.data.shape[0] == 1 else np.concatenate(
                 [prepared.detection[np.newaxis], prepared.data])
-            refinement = refine_blends(prepared.normalized(), labels, flux_images, model=self.refiner,
+            refinement = refine_blends(normalized, labels, flux_images, model=self.refiner,
                                        mask=prepared.mask, n_samples=self.n_samples, seed=self.seed,
                                        device=self.device, save_samples=self.save_samples)
             labels = refinement.labels
@@ -218,11 +219,10 @@ class Deblender:
         return DeblendResult(labels=labels, catalog=catalog, image=image, method=self.method,
                              weights_id=self.weights_id, extensions=extensions)
 
-    def _segment(self, prepared):
+    def _segment(self, prepared, normalized):
         """Mask R-CNN over the normalised detection image → (labels, kept instances in label order)."""
         from deblend.segment import detect, instances_to_labels, suppress_duplicates
 
-        normalized = prepared.normalized()
         opts = self.options
         instances = detect(normalized, model=self.model, mask=prepared.mask, window_size=opts["window_size"],
                            overlap=opts["overlap"], batch_size=opts["batch_size"], device=self.device,

@@ -64,10 +64,7 @@ def load_mask_rcnn(name_or_path=DEFAULT_MASK_RCNN, *, device="cpu"):
     """
     from deblend.models.mask_rcnn import load_weights
 
-    path = weights_path(name_or_path)
-    card = model_card(path)
-    expected = card.get("sha256") if card else None
-    return load_weights(path, device=device, expected_sha256=expected)
+    return _load_checked(load_weights, name_or_path, device)
 
 
 def load_prob_unet(name_or_path=DEFAULT_PROB_UNET, *, device="cpu"):
@@ -86,6 +83,11 @@ def load_prob_unet(name_or_path=DEFAULT_PROB_UNET, *, device="cpu"):
     """
     from deblend.models.prob_unet import load_prob_unet as load
 
+    return _load_checked(load, name_or_path, device)
+
+
+def _load_checked(load, name_or_path, device):
+    """``load(path, device=..., expected_sha256=...)`` with the sha256 of the weights' model card."""
     path = weights_path(name_or_path)
     card = model_card(path)
     return load(path, device=device, expected_sha256=card.get("sha256") if card else None)
