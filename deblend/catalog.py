@@ -153,14 +153,14 @@ def make_catalog(data, labels, *, detection=None, error=None, detection_error=No
     return table
 
 
-def add_blend_columns(table, refinement, *, band_names):
+def add_blend_columns(table, refinement, *, band_names, seg_err_scale=1.0):
     """Add the blend and segmentation-uncertainty columns of a refinement to a catalog, in place.
 
     Columns: ``blend_id`` (0 = isolated), ``n_blend`` (sources in the group, 1
     when isolated), ``segment_flux_seg_err`` (standard deviation of the
-    source's ``segment_flux`` over the probabilistic U-Net's samples: the
-    error due to where the boundary between blended sources is drawn; 0 for
-    sources not refined) and ``segment_flux_err_total`` (``segment_flux_err``,
+    source's ``segment_flux`` over the probabilistic U-Net's samples, times
+    ``seg_err_scale``: the error due to where the boundary between blended
+    sources is drawn; 0 for sources not refined) and ``segment_flux_err_total`` (``segment_flux_err``,
     the noise error, and ``segment_flux_seg_err`` added in quadrature). With
     several bands the last two appear per band too (``<column>_<band>``).
 
@@ -172,10 +172,15 @@ def add_blend_columns(table, refinement, *, band_names):
         Its ``flux_samples`` hold the detection image first and then each band
         when there are several bands, or the single band.
     band_names : sequence of str
+    seg_err_scale : float, optional
+        Factor on the samples' spread (a recalibration fitted on simulations,
+        see the probabilistic U-Net's model card); 1 reports the raw spread.
     """
+    if not (np.isfinite(seg_err_scale) and seg_err_scale > 0):
+        raise ValueError(f"seg_err_scale must be a positive number, got {seg_err_scale!r}")
     if len(table) != len(refinement.blend_id):
         raise ValueError(f"catalog has {len(table)} rows, refinement {len(refinement.blend_id)} sources")
-    spread = refinement.flux_spread()
+    spread = seg_err_scale * refinement.flux_spread()
     table["blend_id"] = refinement.blend_id.astype(np.int32)
     table["n_blend"] = refinement.n_blend.astype(np.int32)
     suffixes = [""] + ([f"_{_band_suffix(b)}" for b in band_names] if len(band_names) > 1 else [])

@@ -38,6 +38,14 @@ _OPTION_NAMES = {
 }
 
 
+def _channels_last(model):
+    """The model with channels-last weights: the same outputs, faster convolutions on a CPU
+    (measured in pipelines/benchmark.py's ablation and pipelines/results/refine.md)."""
+    import torch
+
+    return model.to(memory_format=torch.channels_last)
+
+
 class Deblender:
     """Deblend images with one method and one configuration.
 
@@ -84,13 +92,18 @@ class Deblender:
         Default: the shipped ``prob_unet``.
     save_samples : bool, optional
         Keep the sampled label maps (written as a ``SAMPLES`` cube).
+    seg_err_scale : float, optional
+        Factor on the samples' flux spread in ``segment_flux_seg_err``. Default:
+        the recalibration in the probabilistic U-Net's model card
+        (``calibration.seg_err_scale``, fitted by pipelines/benchmark_refine.py
+        on simulated scenes), or 1 when the card has none; 1 gives the raw spread.
     """
 
     def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
                  device="cpu", weights=None, batch_size=4, window_size=256, overlap=48,
                  score_threshold=0.5, max_overlap=0.5, refine=None, n_samples=16, refine_weights=None,
-                 save_samples=False):
+                 save_samples=False, seg_err_scale=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         if int(n_samples) != n_samples or n_samples < 2:
@@ -129,8 +142,13 @@ class Deblender:
             options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
                            score_threshold=score_threshold, max_overlap=max_overlap)
             self._load_model(weights)
+        self.seg_err_scale = None
         if self.refine:
             self._load_refiner(refine_weights)
+            card_scale = self.refiner.deblend_card.get("calibration", {}).get("seg_err_scale", 1.0)
+            self.seg_err_scale = float(card_scale if seg_err_scale is None else seg_err_scale)
+            if not (np.isfinite(self.seg_err_scale) and self.seg_err_scale > 0):
+                raise ValueError(f"seg_err_scale must be a positive number, got {self.seg_err_scale!r}")
         self.options = options
 
     def _load_model(self, weights):
@@ -140,13 +158,13 @@ class Deblender:
 
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but no CUDA GPU is available; use device='cpu'")
-        self.model = load_mask_rcnn(weights or DEFAULT_MASK_RCNN, device=self.device)
+        self.model = _channels_last(load_mask_rcnn(weights or DEFAULT_MASK_RCNN, device=self.device))
         self.weights_id = self.model.deblend_sha256[:16]
 
     def _load_refiner(self, weights):
         from deblend.models.registry import DEFAULT_PROB_UNET, load_prob_unet
 
-        self.refiner = load_prob_unet(weights or DEFAULT_PROB_UNET, device=self.device)
+        self.refiner = _channels_last(load_prob_unet(weights or DEFAULT_PROB_UNET, device=self.device))
         refine_id = self.refiner.deblend_sha256[:16]
         self.weights_id = refine_id if self.weights_id is None else f"{self.weights_id}+{refine_id}"
 
@@ -157,7 +175,8 @@ class Deblender:
         """The configuration as a JSON-serialisable dict (for manifests and provenance)."""
         return {"method": self.method, "options": dict(self.options), "box_size": self.box_size,
                 "filter_size": self.filter_size, "seed": self.seed, "weights": self.weights_id,
-                "refine": self.refine, "n_samples": self.n_samples if self.refine else None}
+                "refine": self.refine, "n_samples": self.n_samples if self.refine else None,
+                "seg_err_scale": self.seg_err_scale}
 
     def run(self, image, **read_options):
         """Deblend one image.
@@ -209,7 +228,7 @@ class Deblender:
             catalog["det_score"] = instances.det_score.astype("float32")
         extensions = {}
         if refinement is not None:
-            add_blend_columns(catalog, refinement, band_names=image.band_names)
+            add_blend_columns(catalog, refinement, band_names=image.band_names, seg_err_scale=self.seg_err_scale)
             extensions["UNCERTAINTY"] = refinement.uncertainty
             if refinement.samples is not None:
                 extensions["SAMPLES"] = refinement.samples

@@ -48,15 +48,15 @@ def heatmap(shape, positions, *, sigma=HEATMAP_SIGMA):
     """
     out = np.zeros(shape, dtype=np.float32)
     positions = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
-    if not len(positions):
-        return out
-    yy, xx = np.arange(shape[0])[:, None], np.arange(shape[1])[None, :]
-    reach = 4 * sigma
-    for x, y in positions:
-        if x < -reach or y < -reach or x > shape[1] + reach or y > shape[0] + reach:
+    reach = int(np.ceil(4 * sigma))
+    for x, y in positions:  # each Gaussian only where it exceeds exp(-8): a small box around it
+        ya, yb = max(int(np.floor(y)) - reach, 0), min(int(np.ceil(y)) + reach + 1, shape[0])
+        xa, xb = max(int(np.floor(x)) - reach, 0), min(int(np.ceil(x)) + reach + 1, shape[1])
+        if ya >= yb or xa >= xb:
             continue
-        g = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2)).astype(np.float32)
-        np.maximum(out, g, out=out)
+        gy = np.exp(-((np.arange(ya, yb) - y) ** 2) / (2 * sigma**2))
+        gx = np.exp(-((np.arange(xa, xb) - x) ** 2) / (2 * sigma**2))
+        np.maximum(out[ya:yb, xa:xb], np.outer(gy, gx).astype(np.float32), out=out[ya:yb, xa:xb])
     return out
 
 
@@ -190,16 +190,6 @@ class Refinement:
         return np.nan_to_num(np.std(self.flux_samples, axis=-1, ddof=1), nan=0.0)
 
 
-def _canvas(members, labels, *, pad, multiple):
-    """Square-ish slice pair around the members' pixels, at least CUTOUT wide and a multiple of ``multiple``."""
-    ys, xs = np.nonzero(np.isin(labels, members))
-    y0, y1, x0, x1 = ys.min() - pad, ys.max() + 1 + pad, xs.min() - pad, xs.max() + 1 + pad
-    size_y = max(CUTOUT, -(-(y1 - y0) // multiple) * multiple)
-    size_x = max(CUTOUT, -(-(x1 - x0) // multiple) * multiple)
-    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
-    return cy - size_y // 2, cx - size_x // 2, size_y, size_x
-
-
 def _crop(array, y0, x0, h, w):
     """``array[..., y0:y0+h, x0:x0+w]`` with zero padding outside the image."""
     ny, nx = array.shape[-2:]
@@ -210,9 +200,65 @@ def _crop(array, y0, x0, h, w):
     return out
 
 
+def _windows(positions, boxes, *, pad, multiple):
+    """Square window ``(y0, x0, size)`` per source: CUTOUT wide, wider if its segment reaches further.
+
+    Centred on the source's position, so the U-Net sees it as in training; a segment
+    reaching more than ``CUTOUT / 2 - pad`` pixels from the position gets a window that
+    holds it and ``pad`` more pixels, rounded up to ``multiple``.
+    """
+    out = []
+    for (x, y), box in zip(positions, boxes, strict=True):
+        cy, cx = int(round(y)), int(round(x))
+        reach = max(cy - box[0].start, box[0].stop - 1 - cy, cx - box[1].start, box[1].stop - 1 - cx) + pad
+        size = max(CUTOUT, -(-(2 * reach + 2) // multiple) * multiple)
+        out.append((cy - size // 2, cx - size // 2, size))
+    return out
+
+
+@dataclass
+class _Group:
+    gid: int
+    members: np.ndarray  # labels 1..N
+    windows: list  # (y0, x0, size) per member
+    inputs: list | None = None  # (3, size, size) per member
+    where: list | None = None  # (size, size) bool per member: pixels the member may get
+    probs: list | None = None  # (n_samples, size, size) per member
+
+
+def _run_model(model, groups, *, n_samples, seed, device, batch_size):
+    """Draw every pending member's samples, batching windows of equal size across groups."""
+    import torch
+
+    items = [(g, j) for g in groups for j in range(len(g.members))]
+    latent = int(getattr(model, "latent_dim", 0))
+    noise = {}
+    for g in groups:  # one generator per group: the draws do not depend on the batching
+        gen = torch.Generator().manual_seed(int(seed) + g.gid)
+        noise[g.gid] = torch.randn((n_samples, len(g.members), latent), generator=gen)
+        g.probs = [None] * len(g.members)
+    by_size = {}
+    for g, j in items:
+        by_size.setdefault(g.windows[j][2], []).append((g, j))
+    for size_items in by_size.values():
+        for start in range(0, len(size_items), batch_size):
+            chunk = size_items[start:start + batch_size]
+            x = torch.from_numpy(np.stack([g.inputs[j] for g, j in chunk])).to(device)
+            x = x.contiguous(memory_format=torch.channels_last)  # as the weights (deblend.pipeline)
+            eps = torch.stack([noise[g.gid][:, j] for g, j in chunk], dim=1)
+            where = torch.from_numpy(np.stack([g.where[j] for g, j in chunk])).to(device)
+            probs = model.sample(x, n_samples=n_samples, seed=seed, noise=eps, where=where).cpu().numpy()
+            for (g, j), p in zip(chunk, probs, strict=True):
+                g.probs[j] = p
+
+
 def refine_blends(normalized, labels, data, *, model, positions=None, mask=None, n_samples=16, seed=0,
-                  device="cpu", pad=8, max_size=256, save_samples=False):
+                  device="cpu", pad=8, max_size=256, batch_size=32, save_samples=False):
     """Re-segment every blend group with the probabilistic U-Net.
+
+    Each member is seen through its own window (`CUTOUT` pixels, centred on it, as
+    in training; wider for a segment that reaches further); windows of equal size
+    from all groups go through the network together.
 
     Parameters
     ----------
@@ -231,13 +277,15 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         Samples per group.
     seed : int, optional
         Seed of the latent draws (group ``g`` uses ``seed + g``): the same
-        inputs and seed give the same outputs.
+        inputs and seed give the same outputs, whatever ``batch_size``.
     device : str, optional
     pad : int, optional
-        Pixels around a group's segments that the refined masks may grow into.
+        Pixels around a member's segment that its refined mask may grow into.
     max_size : int, optional
-        Groups whose cutout would exceed this many pixels on a side are left
-        as they are (logged).
+        Groups with a member whose window would exceed this many pixels on a
+        side are left as they are (logged).
+    batch_size : int, optional
+        Windows per forward pass.
     save_samples : bool, optional
         Keep the sampled label maps (``n_samples`` full-size int32 maps).
 
@@ -245,7 +293,7 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
     -------
     Refinement
     """
-    import torch
+    from scipy import ndimage
 
     labels = np.asarray(labels, dtype=np.int32)
     normalized = np.asarray(normalized, dtype=np.float32)
@@ -257,6 +305,8 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
                          "must have the same (ny, nx)")
     if int(n_samples) != n_samples or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     n = int(labels.max()) if labels.size else 0
     if positions is None:
         positions = source_positions(normalized, labels)
@@ -265,51 +315,118 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         raise ValueError(f"positions has {len(positions)} rows for {n} labels")
     bad = np.zeros(labels.shape, bool) if mask is None else np.asarray(mask, bool)
     blend_id, n_blend = find_blend_groups(labels)
-    out = labels.copy()
-    uncertainty = np.zeros(labels.shape, np.float32)
-    flux = np.full((n, data.shape[0], n_samples), np.nan)
-    refined = np.zeros(n, bool)
-    samples = np.repeat(labels[None], n_samples, axis=0) if save_samples else None
-    multiple = 2 ** (model.depth - 1)
-    model.eval().to(device)
-    for gid in range(1, int(blend_id.max(initial=0)) + 1):
-        members = np.flatnonzero(blend_id == gid) + 1
-        y0, x0, h, w = _canvas(members, labels, pad=pad, multiple=multiple)
-        if max(h, w) > max_size:
-            log.info("blend group %d (%d sources) spans %dx%d px > max_size=%d; not refined",
-                     gid, len(members), w, h, max_size)
-            continue
-        lab = _crop(out, y0, x0, h, w)  # earlier groups may have grown into this cutout
-        inside = _crop(np.ones(labels.shape, bool), y0, x0, h, w)
-        allowed = inside & ~_crop(bad, y0, x0, h, w) & ((lab == 0) | np.isin(lab, members))
-        img = _crop(normalized, y0, x0, h, w)
-        local = positions - (x0, y0)
-        near = np.flatnonzero((local[:, 0] > -8) & (local[:, 0] < w + 8) & (local[:, 1] > -8) & (local[:, 1] < h + 8))
-        x = np.stack([refine_input(img, local[k - 1], local[[j for j in near if j != k - 1]]) for k in members])
-        probs = model.sample(torch.from_numpy(x).to(device), n_samples=n_samples, seed=seed + gid)
-        probs = probs.cpu().numpy() * allowed  # (K, S, h, w)
-        best = probs.argmax(axis=0)
-        owner = np.where(probs.max(axis=0) > 0.5, members[best], 0)  # (S, h, w)
-        mean = probs.mean(axis=1)
-        final = np.where(mean.max(axis=0) > 0.5, members[mean.argmax(axis=0)], 0)
+    state = _State(labels, bad, data, n_samples, save_samples)
+    n_groups = int(blend_id.max(initial=0))
+    if n_groups:
+        model.eval().to(device)
+        multiple = 2 ** (model.depth - 1)
+        boxes = ndimage.find_objects(labels, max_label=n)
+        windows = _windows(positions, boxes, pad=pad, multiple=multiple)
+        pending = []
+        for gid in range(1, n_groups + 1):
+            members = np.flatnonzero(blend_id == gid) + 1
+            group = _Group(gid, members, [windows[k - 1] for k in members])
+            widest = max(size for _, _, size in group.windows)
+            if widest > max_size:
+                log.info("blend group %d (%d sources) has a member needing a %d px window > max_size=%d; "
+                         "not refined", gid, len(members), widest, max_size)
+                continue
+            group.inputs = [_member_input(normalized, positions, k, group.windows[j])
+                            for j, k in enumerate(members)]
+            group.where = [_member_pixels(labels, bad, members, window, pad=pad) for window in group.windows]
+            pending.append(group)
+            if sum(len(g.members) for g in pending) >= batch_size:
+                _run_model(model, pending, n_samples=n_samples, seed=seed, device=device, batch_size=batch_size)
+                for g in pending:  # in group order: a group may only take pixels earlier ones left free
+                    state.assign(g)
+                pending = []
+        if pending:
+            _run_model(model, pending, n_samples=n_samples, seed=seed, device=device, batch_size=batch_size)
+            for g in pending:
+                state.assign(g)
+    log.debug("refined %d of %d sources in %d groups", int(state.refined.sum()), n, n_groups)
+    return Refinement(labels=state.out, uncertainty=state.uncertainty, blend_id=blend_id, n_blend=n_blend,
+                      flux_samples=state.flux, refined=state.refined, samples=state.samples)
+
+
+def _member_input(normalized, positions, k, window):
+    """The U-Net input for source ``k`` (1-based) in its window: image, its heat map, the others' heat map."""
+    y0, x0, size = window
+    local = positions - (x0, y0)
+    near = (local[:, 0] > -8) & (local[:, 0] < size + 8) & (local[:, 1] > -8) & (local[:, 1] < size + 8)
+    near[k - 1] = False
+    return refine_input(_crop(normalized, y0, x0, size, size), local[k - 1], local[near])
+
+
+def _member_pixels(labels, bad, members, window, *, pad):
+    """Pixels of a member's window it may be given: near the group's segments, in the image, good, not foreign."""
+    from scipy import ndimage
+
+    y0, x0, size = window
+    lab = _crop(labels, y0, x0, size, size)
+    ny, nx = labels.shape
+    yy, xx = np.arange(y0, y0 + size)[:, None], np.arange(x0, x0 + size)[None, :]
+    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    group = np.isin(lab, members)
+    near = ndimage.maximum_filter(group, size=2 * pad + 1) if pad > 0 else group
+    return near & inside & ~_crop(bad, y0, x0, size, size) & ((lab == 0) | group)
+
+
+class _State:
+    """The refined maps, filled group by group."""
+
+    def __init__(self, labels, bad, data, n_samples, save_samples):
+        n = int(labels.max()) if labels.size else 0
+        self.labels, self.bad, self.data, self.n_samples = labels, bad, data, n_samples
+        self.out = labels.copy()
+        self.uncertainty = np.zeros(labels.shape, np.float32)
+        self.flux = np.full((n, data.shape[0], n_samples), np.nan)
+        self.refined = np.zeros(n, bool)
+        self.samples = np.repeat(labels[None], n_samples, axis=0) if save_samples else None
+
+    def assign(self, group):
+        """Joint assignment of one group's samples and mean; written unless a member would lose every pixel."""
+        members, windows = group.members, group.windows
+        y0 = min(w[0] for w in windows)
+        x0 = min(w[1] for w in windows)
+        h = max(w[0] + w[2] for w in windows) - y0
+        w_ = max(w[1] + w[2] for w in windows) - x0
+        lab = _crop(self.out, y0, x0, h, w_)  # earlier groups may have grown into this region
+        ny, nx = self.labels.shape
+        yy, xx = np.arange(y0, y0 + h)[:, None], np.arange(x0, x0 + w_)[None, :]
+        inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+        allowed = inside & ~_crop(self.bad, y0, x0, h, w_) & ((lab == 0) | np.isin(lab, members))
+        best = np.zeros((self.n_samples, h, w_), np.float32)  # highest claim per sample and pixel
+        owner = np.zeros((self.n_samples, h, w_), np.int32)
+        best_mean = np.zeros((h, w_), np.float32)
+        final = np.zeros((h, w_), np.int32)
+        for k, (wy, wx, size), p in zip(members, windows, group.probs, strict=True):
+            sl = (slice(wy - y0, wy - y0 + size), slice(wx - x0, wx - x0 + size))
+            p = p * allowed[sl]
+            wins = p > best[(slice(None), *sl)]
+            best[(slice(None), *sl)][wins] = p[wins]
+            owner[(slice(None), *sl)][wins] = k
+            m = p.mean(axis=0)
+            wins = m > best_mean[sl]
+            best_mean[sl][wins] = m[wins]
+            final[sl][wins] = k
+        owner[best <= 0.5] = 0
+        final[best_mean <= 0.5] = 0
         if not np.isin(members, final).all():  # never lose a source: keep the detector's masks
-            log.debug("blend group %d: the U-Net gives a member no pixel; its detector masks are kept", gid)
-            continue
-        region = (slice(max(y0, 0), y0 + h), slice(max(x0, 0), x0 + w))
-        crop_region = (slice(max(y0, 0) - y0, max(y0, 0) - y0 + out[region].shape[0]),
-                       slice(max(x0, 0) - x0, max(x0, 0) - x0 + out[region].shape[1]))
-        sub_allowed = allowed[crop_region]
-        out[region][sub_allowed] = final[crop_region][sub_allowed]
+            log.debug("blend group %d: the U-Net gives a member no pixel; its detector masks are kept", group.gid)
+            return
+        region = (slice(max(y0, 0), min(y0 + h, ny)), slice(max(x0, 0), min(x0 + w_, nx)))
+        local = (slice(region[0].start - y0, region[0].stop - y0), slice(region[1].start - x0, region[1].stop - x0))
+        sub_allowed = allowed[local]
+        self.out[region][sub_allowed] = final[local][sub_allowed]
         unc = (owner != final[None]).mean(axis=0).astype(np.float32)
-        np.maximum(uncertainty[region], np.where(sub_allowed, unc[crop_region], 0), out=uncertainty[region])
-        d = _crop(data, y0, x0, h, w)
+        np.maximum(self.uncertainty[region], np.where(sub_allowed, unc[local], 0), out=self.uncertainty[region])
+        d = self.data[(slice(None), *region)].astype(np.float64)
         for k in members:
-            sel = owner == k  # (S, h, w)
-            flux[k - 1] = np.einsum("bhw,shw->bs", d.astype(np.float64), sel.astype(np.float64))
-        refined[members - 1] = True
-        if samples is not None:
-            for s in range(n_samples):
-                samples[s][region][sub_allowed] = owner[s][crop_region][sub_allowed]
-    log.debug("refined %d of %d sources in %d groups", int(refined.sum()), n, int(blend_id.max(initial=0)))
-    return Refinement(labels=out, uncertainty=uncertainty, blend_id=blend_id, n_blend=n_blend,
-                      flux_samples=flux, refined=refined, samples=samples)
+            sel = (owner[(slice(None), *local)] == k).astype(np.float64)  # (S, h, w)
+            self.flux[k - 1] = np.einsum("bhw,shw->bs", d, sel)
+        self.refined[members - 1] = True
+        if self.samples is not None:
+            for s in range(self.n_samples):
+                self.samples[s][region][sub_allowed] = owner[s][local][sub_allowed]
+        group.probs = None  # free the samples

@@ -80,6 +80,9 @@ def main():
     p.add_argument("--val-seed", type=int, default=11, help="simulation seed of the validation scenes")
     p.add_argument("--latent-dim", type=int, default=6, help="0 trains the deterministic U-Net baseline")
     p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32, 64],
+                   help="channels per U-Net level (slim, so refinement costs little beside the Mask R-CNN)")
+    p.add_argument("--head-width", type=int, default=16)
     p.add_argument("--steps", type=int, default=20000, help="upper bound on optimisation steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -108,7 +111,8 @@ def main():
     if args.data_only:
         return
     torch.manual_seed(args.seed)
-    model = build_prob_unet(latent_dim=args.latent_dim, beta=args.beta)
+    model = build_prob_unet(latent_dim=args.latent_dim, beta=args.beta, widths=args.widths,
+                            head_width=args.head_width)
     cfg = RefineTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             max_minutes=args.max_minutes or None)
     result = train_prob_unet(model, x, y, val=(vx, vy), config=cfg,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -261,3 +263,20 @@ def test_refinement_per_band_columns(make_scene, tiny_refiner):
     for band in ("band0", "band1"):
         assert f"segment_flux_seg_err_{band}" in result.catalog.colnames
         assert f"segment_flux_err_total_{band}" in result.catalog.colnames
+
+
+def test_seg_err_scale_from_model_card_or_argument(scene, tiny_refiner, tmp_path):
+    import shutil
+
+    weights = tmp_path / "calibrated.pt"
+    shutil.copy(tiny_refiner, weights)
+    weights.with_suffix(".json").write_text(json.dumps({"calibration": {"seg_err_scale": 3.0}}))
+    raw = Deblender("sep", refine=True, refine_weights=tiny_refiner, n_samples=4)
+    scaled = Deblender("sep", refine=True, refine_weights=weights, n_samples=4)
+    assert raw.seg_err_scale == 1.0 and scaled.seg_err_scale == 3.0
+    assert Deblender("sep", refine=True, refine_weights=weights, n_samples=4, seg_err_scale=1.0).seg_err_scale == 1
+    assert scaled.config()["seg_err_scale"] == 3.0
+    a, b = raw.run(scene).catalog, scaled.run(scene).catalog
+    np.testing.assert_allclose(b["segment_flux_seg_err"], 3 * a["segment_flux_seg_err"])
+    with pytest.raises(ValueError, match="seg_err_scale"):
+        Deblender("sep", refine=True, refine_weights=tiny_refiner, seg_err_scale=0)

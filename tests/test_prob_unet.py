@@ -123,3 +123,18 @@ def test_fast_sampling_equals_decoding_each_draw(model):
         slow = torch.stack([torch.sigmoid(model.decode(feats, prior.mean + prior.stddev * eps[s]))[:, 0]
                             for s in range(4)], dim=1)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+
+
+def test_sample_on_chosen_pixels_with_given_noise(model):
+    x = torch.randn(2, 3, 16, 16)
+    full = model.sample(x, n_samples=3, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    noise = torch.randn((3, 2, TINY["latent_dim"]), generator=gen)
+    where = torch.zeros((2, 16, 16), dtype=torch.bool)
+    where[0, 2:9, 3:7] = True
+    where[1, 10:, :5] = True
+    part = model.sample(x, n_samples=3, noise=noise, where=where)
+    torch.testing.assert_close(part[where[:, None].expand_as(part)], full[where[:, None].expand_as(full)])
+    assert not part[~where[:, None].expand_as(part)].any()
+    with pytest.raises(ValueError, match="noise must have shape"):
+        model.sample(x, n_samples=2, noise=noise)

@@ -32,7 +32,7 @@ class DiscModel:
     def to(self, device):
         return self
 
-    def sample(self, x, *, n_samples, seed):
+    def sample(self, x, *, n_samples, seed, noise=None, where=None):
         x = x.numpy()
         out = np.zeros((len(x), n_samples, *x.shape[2:]), np.float32)
         yy, xx = np.indices(x.shape[2:])
@@ -135,7 +135,7 @@ def test_refine_never_assigns_masked_or_foreign_pixels():
 class EmptyModel(DiscModel):
     """Stand-in network that claims nothing."""
 
-    def sample(self, x, *, n_samples, seed):
+    def sample(self, x, *, n_samples, seed, noise=None, where=None):
         return torch.zeros((len(x), n_samples, *x.shape[2:]))
 
 
@@ -184,7 +184,7 @@ def test_argument_checks():
 class FirstClaimsAllModel(DiscModel):
     """Stand-in network: the first member claims a wide disc, the others nothing."""
 
-    def sample(self, x, *, n_samples, seed):
+    def sample(self, x, *, n_samples, seed, noise=None, where=None):
         out = torch.zeros((len(x), n_samples, *x.shape[2:]))
         out[0] = super().sample(x[:1], n_samples=n_samples, seed=seed)[0]
         return out
@@ -197,3 +197,38 @@ def test_group_that_would_lose_a_member_keeps_its_labels():
                       positions=pos, n_samples=2)
     np.testing.assert_array_equal(r.labels, labels)
     assert not r.refined.any() and np.all(r.flux_spread() == 0)
+
+
+def test_windows_are_centred_and_grow_with_the_segment():
+    from deblend.refine import _windows
+
+    boxes = [(slice(40, 50), slice(40, 50)), (slice(0, 100), slice(45, 55))]
+    (y0, x0, size), (_, _, wide) = _windows([[45, 45], [50, 50]], boxes, pad=8, multiple=8)
+    assert size == CUTOUT and (y0 + size // 2, x0 + size // 2) == (45, 45)
+    assert wide >= 2 * (50 + 8) and wide % 8 == 0
+
+
+def test_large_member_keeps_its_far_pixels():
+    """A segment reaching beyond CUTOUT / 2 from its peak gets a window that holds it."""
+    labels = np.zeros((120, 120), np.int32)
+    labels[10:110, 20:60] = 1  # 100 px tall
+    labels[55:65, 60:70] = 2
+    pos = np.array([[40, 60], [65, 60]], float)
+    r = refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([80.0]),
+                      positions=pos, n_samples=2)
+    assert r.refined.all()
+    assert (r.labels[10:110, 20:60] == 1).all()
+
+
+def test_batching_does_not_change_the_result():
+    torch.manual_seed(0)
+    model = build_prob_unet(widths=(4, 8, 8, 8), head_width=8, latent_dim=2)
+    labels, pos = two_blobs(shape=(80, 160))
+    labels[40:48, 110:118], labels[40:48, 118:126] = 4, 5  # a second group
+    pos = np.vstack([pos, [113, 44], [121, 44]])
+    image = np.random.default_rng(1).normal(size=labels.shape).astype(np.float32)
+    one = refine_blends(image, labels, image, model=model, positions=pos, n_samples=3, batch_size=1)
+    many = refine_blends(image, labels, image, model=model, positions=pos, n_samples=3, batch_size=32)
+    np.testing.assert_array_equal(one.labels, many.labels)
+    np.testing.assert_allclose(one.flux_samples, many.flux_samples, rtol=1e-6)
+    np.testing.assert_array_equal(one.blend_id, [1, 1, 0, 2, 2])

@@ -168,7 +168,7 @@ class ProbUNet(nn.Module):
         return rec + self.beta * kl, rec, kl
 
     @torch.inference_mode()
-    def sample(self, x, *, n_samples=16, seed=0):
+    def sample(self, x, *, n_samples=16, seed=0, noise=None, where=None):
         """Draw mask probabilities from the prior.
 
         Parameters
@@ -179,6 +179,12 @@ class ProbUNet(nn.Module):
             ``n_samples`` times.
         seed : int, optional
             Seed of the latent draws (a private generator; global RNG untouched).
+        noise : Tensor, shape (n_samples, batch, latent_dim), optional
+            Standard normal draws to use instead of seeding a generator (lets a
+            caller keep each input's draws independent of how inputs are batched).
+        where : Tensor of bool, shape (batch, ny, nx), optional
+            Pixels whose probabilities are wanted; the others are returned as 0
+            and cost nothing per sample. Default: all.
 
         Returns
         -------
@@ -189,21 +195,37 @@ class ProbUNet(nn.Module):
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         feats = self.features(x)
         if not self.latent_dim:
-            return torch.sigmoid(self.decode(feats))[:, 0, None].expand(-1, n_samples, -1, -1).contiguous()
+            probs = torch.sigmoid(self.decode(feats))[:, 0, None]
+            if where is not None:
+                probs = probs * where[:, None]
+            return probs.expand(-1, n_samples, -1, -1).contiguous()
         prior = self.prior(x)
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        eps = torch.randn((n_samples, *prior.mean.shape), generator=gen).to(x.device)
+        shape = (n_samples, *prior.mean.shape)
+        if noise is None:
+            gen = torch.Generator(device="cpu").manual_seed(int(seed))
+            noise = torch.randn(shape, generator=gen)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape} (n_samples, batch, latent_dim), got {tuple(noise.shape)}")
+        eps = noise.to(x.device)
         z = prior.mean[None] + prior.stddev[None] * eps  # (n_samples, batch, latent)
-        # The head's first 1x1 convolution is linear in [features, z]: apply its feature part once
-        # and add the latent part per sample (the same numbers as `decode`, at a fraction of the cost).
-        first = self.head[0]
+        # The head is 1x1 convolutions, i.e. the same small MLP at every pixel: run it only on the
+        # wanted pixels, as matrix products. Its first layer is linear in [features, z], so the
+        # feature part is applied once and the latent part added per sample as a shift.
+        if where is None:
+            where = torch.ones((x.shape[0], *x.shape[2:]), dtype=torch.bool, device=x.device)
+        b, yy, xx = where.nonzero(as_tuple=True)
+        layers = [(m.weight[:, :, 0, 0], m.bias) if isinstance(m, nn.Conv2d) else m for m in self.head]
+        (w_first, b_first), rest = layers[0], layers[1:]
         n_feat = feats.shape[1]
-        base = F.conv2d(feats, first.weight[:, :n_feat], first.bias)  # (batch, head, ny, nx)
-        shift = torch.einsum("oc,sbc->sbo", first.weight[:, n_feat:, 0, 0], z)
-        # One sample at a time: faster on a CPU than one large batch of samples (cache-sized tensors).
-        out = [torch.sigmoid(self.head[2:](F.relu(base + shift[s, :, :, None, None])))[:, 0]
-               for s in range(n_samples)]
-        return torch.stack(out, dim=1)
+        base = F.linear(feats.permute(0, 2, 3, 1)[b, yy, xx], w_first[:, :n_feat], b_first)  # (pixels, head)
+        shift = torch.einsum("oc,sbc->sbo", w_first[:, n_feat:], z)[:, b]  # (n_samples, pixels, head)
+        out = torch.zeros((x.shape[0], n_samples, *x.shape[2:]), dtype=feats.dtype, device=x.device)
+        for s in range(n_samples):  # one sample at a time keeps the tensors cache-sized
+            h = base + shift[s]
+            for layer in rest:
+                h = F.linear(h, *layer) if isinstance(layer, tuple) else layer(h)
+            out[b, s, yy, xx] = torch.sigmoid(h[:, 0])
+        return out
 
 
 def build_prob_unet(*, in_channels=3, latent_dim=6, beta=1.0, widths=(16, 32, 64, 128), head_width=32):

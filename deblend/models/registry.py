@@ -90,4 +90,6 @@ def _load_checked(load, name_or_path, device):
     """``load(path, device=..., expected_sha256=...)`` with the sha256 of the weights' model card."""
     path = weights_path(name_or_path)
     card = model_card(path)
-    return load(path, device=device, expected_sha256=card.get("sha256") if card else None)
+    model = load(path, device=device, expected_sha256=card.get("sha256") if card else None)
+    model.deblend_card = card or {}
+    return model
