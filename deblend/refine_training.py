@@ -22,9 +22,7 @@ Annotation 0 of every example is the truth convention itself.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +31,7 @@ from deblend.io import Image, atomic_path
 from deblend.preprocess import prepare
 from deblend.refine import CUTOUT, refine_input
 from deblend.simulate import scene_seed, simulate_scene
-from deblend.training import ConditionRanges, _lr_factor, _progress, _save_checkpoint, sample_config
+from deblend.training import ConditionRanges, fit, sample_config
 
 __all__ = [
     "plausible_annotations",
@@ -237,7 +235,7 @@ class RefineTrainConfig:
 
 
 def train_prob_unet(model, x, y, *, val=None, config=None, checkpoint_dir=None, resume=True, device="cpu"):
-    """Train a `deblend.models.prob_unet.ProbUNet` with checkpoints and resume.
+    """Train a `deblend.models.prob_unet.ProbUNet` with checkpoints and resume (the loop is `deblend.training.fit`).
 
     Parameters
     ----------
@@ -257,73 +255,28 @@ def train_prob_unet(model, x, y, *, val=None, config=None, checkpoint_dir=None, 
         ``history``, ``steps``, ``wall_time`` (s), ``stopped_early``.
     """
     cfg = config or RefineTrainConfig()
-    torch.manual_seed(cfg.seed)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history = 0, []
-    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if resume and ckpt.exists():
-            state = torch.load(ckpt, map_location=device, weights_only=False)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            step, history = state["step"], state["history"]
-            log.info("resumed from %s at step %d", ckpt, step)
     dataset = RefineDataset(x, y, seed=cfg.seed)
-    val_t = None
+    validate = None
     if val is not None and len(val[0]):
-        val_t = (torch.from_numpy(val[0].astype(np.float32)).to(device),
-                 torch.from_numpy(val[1][:, :1].astype(np.float32)).to(device))
-    rng = np.random.default_rng([cfg.seed, step])
-    start = time.perf_counter()
-    elapsed_before = history[-1]["elapsed_s"] if history else 0.0
-    stopped_early, running, n_run = False, {"loss": 0.0, "rec": 0.0, "kl": 0.0}, 0
-    while step < cfg.steps:
-        progress = _progress(step, elapsed_before + time.perf_counter() - start, cfg)
-        if progress >= 1.0:
-            log.info("time budget of %s min spent at step %d of %d", cfg.max_minutes, step, cfg.steps)
-            stopped_early = True
-            break
+        val_x = torch.from_numpy(val[0].astype(np.float32)).to(device)
+        val_y = torch.from_numpy(val[1][:, :1].astype(np.float32)).to(device)
+
+        def validate():
+            model.eval()
+            with torch.no_grad():
+                vals = [model.loss(val_x[i:i + 64], val_y[i:i + 64])[1].item() for i in range(0, len(val_x), 64)]
+            return {"val_rec": float(np.mean(vals))}
+
+    def batch_loss(step, rng):
         dataset.epoch = step // max(1, len(dataset) // cfg.batch_size)
         batch = [dataset[int(i)] for i in rng.integers(0, len(dataset), cfg.batch_size)]
         xb = torch.stack([b[0] for b in batch]).to(device)
         yb = torch.stack([b[1] for b in batch]).to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, progress, cfg)
         loss, rec, kl = model.loss(xb, yb)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: rec={float(rec)}, kl={float(kl)}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        n_run += 1
-        for k, v in (("loss", loss), ("rec", rec), ("kl", kl)):
-            running[k] += float(v.detach())
-        if step % cfg.log_every == 0:
-            record = {"step": step, "lr": optimizer.param_groups[0]["lr"],
-                      "elapsed_s": round(elapsed_before + time.perf_counter() - start, 1),
-                      **{k: v / n_run for k, v in running.items()}}
-            running, n_run = dict.fromkeys(running, 0.0), 0
-            if val_t is not None and step % cfg.val_every == 0:
-                model.eval()
-                with torch.no_grad():
-                    vals = [model.loss(val_t[0][i:i + 64], val_t[1][i:i + 64])[1].item()
-                            for i in range(0, len(val_t[0]), 64)]
-                record["val_rec"] = float(np.mean(vals))
-                model.train()
-            history.append(record)
-            log.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v
-                                            for k, v in record.items()})
-        if ckpt is not None and step % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, model, optimizer, step, history)
-    if ckpt is not None:
-        _save_checkpoint(ckpt, model, optimizer, step, history)
-    model.eval()
-    return {"history": history, "steps": step, "wall_time": elapsed_before + time.perf_counter() - start,
-            "stopped_early": stopped_early}
+        return loss, {"loss": loss, "rec": rec, "kl": kl}
+
+    return fit(model, batch_loss, config=cfg, validate=validate, checkpoint_dir=checkpoint_dir, resume=resume,
+               device=device)
 
 
 def _iou_distance(a, b):

@@ -349,9 +349,100 @@ def _save_checkpoint(path, model, optimizer, step, history):
     os.replace(tmp, path)
 
 
+def fit(model, batch_loss, *, config, validate=None, checkpoint_dir=None, resume=True, device="cpu"):
+    """The optimisation loop both networks are trained with.
+
+    AdamW; linear warm-up then cosine decay on the larger of step and
+    time-budget progress; gradient-norm clipping; running means of the loss
+    terms logged every ``config.log_every`` steps, with ``validate()`` every
+    ``config.val_every``; ``last.pt`` checkpoints every
+    ``config.checkpoint_every`` steps and at the end; resume from it.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    batch_loss : callable
+        ``batch_loss(step, rng) -> (loss, terms)``: draws the step's batch with
+        ``rng`` (a numpy Generator seeded from ``config.seed`` and the step the
+        run starts at) and returns the loss to minimise and a dict of named
+        loss tensors to log.
+    config : TrainConfig or deblend.refine_training.RefineTrainConfig
+        Reads ``steps, lr, weight_decay, warmup_steps, grad_clip,
+        checkpoint_every, log_every, val_every, seed, max_minutes``.
+    validate : callable, optional
+        ``validate() -> dict of float`` added to the logged record; the model is
+        put back in training mode afterwards.
+    checkpoint_dir : str or os.PathLike, optional
+    resume : bool, optional
+    device : str, optional
+
+    Returns
+    -------
+    dict
+        ``history`` (list of logged records), ``steps`` done, ``wall_time`` (s),
+        ``stopped_early`` (bool: the time budget ended the run).
+    """
+    cfg = config
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, history = 0, []
+    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    if ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        if resume and ckpt.exists():
+            state = torch.load(ckpt, map_location=device, weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, history = state["step"], state["history"]
+            log.info("resumed from %s at step %d", ckpt, step)
+    rng = np.random.default_rng([cfg.seed, step])
+    start = time.perf_counter()
+    elapsed_before = history[-1]["elapsed_s"] if history else 0.0
+    stopped_early, running, n_run = False, {}, 0
+    while step < cfg.steps:
+        progress = _progress(step, elapsed_before + time.perf_counter() - start, cfg)
+        if progress >= 1.0:
+            log.info("time budget of %s min spent at step %d of %d", cfg.max_minutes, step, cfg.steps)
+            stopped_early = True
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, progress, cfg)
+        loss, terms = batch_loss(step, rng)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in terms.items()} }")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        n_run += 1
+        for k, v in terms.items():
+            running[k] = running.get(k, 0.0) + float(v.detach())
+        if step % cfg.log_every == 0:
+            record = {"step": step, "lr": optimizer.param_groups[0]["lr"],
+                      "elapsed_s": round(elapsed_before + time.perf_counter() - start, 1),
+                      **{k: v / n_run for k, v in running.items()}}
+            running, n_run = {}, 0
+            if validate is not None and step % cfg.val_every == 0:
+                record.update(validate())
+                model.train()
+            history.append(record)
+            log.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v
+                                            for k, v in record.items()})
+        if ckpt is not None and step % cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt, model, optimizer, step, history)
+    if ckpt is not None:
+        _save_checkpoint(ckpt, model, optimizer, step, history)
+    model.eval()
+    return {"history": history, "steps": step, "wall_time": elapsed_before + time.perf_counter() - start,
+            "stopped_early": stopped_early}
+
+
 def train_mask_rcnn(model, train_examples, *, val_examples=None, config=None, checkpoint_dir=None,
                     resume=True, device="cpu"):
-    """Train a Mask R-CNN on examples, with checkpoints and resume.
+    """Train a Mask R-CNN on examples, with checkpoints and resume (the loop is `fit`).
 
     Parameters
     ----------
@@ -374,80 +465,32 @@ def train_mask_rcnn(model, train_examples, *, val_examples=None, config=None, ch
         ``stopped_early`` (bool).
     """
     cfg = config or TrainConfig()
-    torch.manual_seed(cfg.seed)
     model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.box_batch_size_per_image
     model.roi_heads.fg_bg_sampler.positive_fraction = cfg.box_positive_fraction
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history = 0, []
-    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if resume and ckpt.exists():
-            state = torch.load(ckpt, map_location=device, weights_only=False)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            step, history = state["step"], state["history"]
-            log.info("resumed from %s at step %d", ckpt, step)
     dataset = SceneDataset(train_examples, augment=True, seed=cfg.seed)
-    val_batches = None
+    validate = None
     if val_examples:
         val_set = SceneDataset(val_examples, augment=False)
         val_batches = [collate([val_set[j] for j in range(i, min(i + 8, len(val_set)))])
                        for i in range(0, len(val_set), 8)]
-    rng = np.random.default_rng([cfg.seed, step])
-    start = time.perf_counter()
-    elapsed_before = history[-1]["elapsed_s"] if history else 0.0
-    stopped_early = False
-    running = {}
-    while step < cfg.steps:
-        progress = _progress(step, elapsed_before + time.perf_counter() - start, cfg)
-        if progress >= 1.0:
-            log.info("time budget of %s min spent at step %d of %d", cfg.max_minutes, step, cfg.steps)
-            stopped_early = True
-            break
+
+        def validate():
+            sums = {}
+            for vi, vt in val_batches:
+                for k, v in compute_losses(model, vi, vt).items():
+                    sums[k] = sums.get(k, 0.0) + v / len(val_batches)
+            return {"val_loss": sum(sums.values())}
+
+    def batch_loss(step, rng):
         dataset.epoch = step // max(1, len(dataset) // cfg.batch_size)
-        idx = rng.integers(0, len(dataset), cfg.batch_size)
-        images, targets = collate([dataset[int(i)] for i in idx])
+        images, targets = collate([dataset[int(i)] for i in rng.integers(0, len(dataset), cfg.batch_size)])
         images = [im.to(device) for im in images]
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, progress, cfg)
         losses = model(images, targets)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: "
-                                     f"{ {k: float(v) for k, v in losses.items()} }")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        for k, v in losses.items():
-            running[k] = running.get(k, 0.0) + float(v.detach())
-        if step % cfg.log_every == 0:
-            record = {"step": step, "lr": optimizer.param_groups[0]["lr"],
-                      "elapsed_s": round(elapsed_before + time.perf_counter() - start, 1),
-                      **{k: v / cfg.log_every for k, v in running.items()}}
-            running = {}
-            if val_batches and step % cfg.val_every == 0:
-                sums = {}
-                for vi, vt in val_batches:
-                    for k, v in compute_losses(model, vi, vt).items():
-                        sums[k] = sums.get(k, 0.0) + v / len(val_batches)
-                record["val_loss"] = sum(sums.values())
-                model.train()
-            history.append(record)
-            log.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v
-                                            for k, v in record.items()})
-        if ckpt is not None and step % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, model, optimizer, step, history)
-    if ckpt is not None:
-        _save_checkpoint(ckpt, model, optimizer, step, history)
-    model.eval()
-    return {"history": history, "steps": step, "wall_time": elapsed_before + time.perf_counter() - start,
-            "stopped_early": stopped_early}
+        return sum(losses.values()), losses
+
+    return fit(model, batch_loss, config=cfg, validate=validate, checkpoint_dir=checkpoint_dir, resume=resume,
+               device=device)
 
 
 def hardware_info():

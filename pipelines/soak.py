@@ -174,6 +174,8 @@ def summarise(samples, n_files, root_pid):
         last = seen[-1]
         files = last[1] - warm[1]
         growth = (last[2]["rss"] - warm[2]["rss"]) / files * 100 if files > 0 else None
+        late_files = last[1] - middle[1]  # a cache that fills up grows early; a leak keeps growing
+        late = (last[2]["rss"] - middle[2]["rss"]) / late_files * 100 if late_files > 0 else None
         rows.append({
             "pid": pid, "role": _role(pid, root_pid, cmd), "cmd": cmd[:160], "n_samples": len(seen),
             "start": {"t": seen[0][0], "done": seen[0][1], "rss_mib": seen[0][2]["rss"] / 2**20,
@@ -185,6 +187,7 @@ def summarise(samples, n_files, root_pid):
             "max_rss_mib": max(s[2]["rss"] for s in seen) / 2**20,
             "max_fds": max(s[2]["fds"] for s in seen),
             "rss_growth_mib_per_100_files_after_warmup": None if growth is None else growth / 2**20,
+            "rss_growth_mib_per_100_files_second_half": None if late is None else late / 2**20,
             "fds_growth_after_warmup": last[2]["fds"] - warm[2]["fds"],
         })
     return rows
@@ -204,18 +207,20 @@ def write_markdown(path, result):
         "",
         "RSS in MiB and open file descriptors (fds) of each process at its first sample (start), at the first "
         "sample with 10 % of the files done (warm), at the sample nearest to half the files done (middle) and "
-        "at its last sample (end); growth is from warm to end, per 100 files.",
+        "at its last sample (end); growth is from warm to end, and from middle to end, per 100 files.",
         "",
-        "| pid | process | RSS start | warm | middle | end | max | RSS growth / 100 files | fds start | warm | "
-        "middle | end | max | files done at start / warm / middle / end |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pid | process | RSS start | warm | middle | end | max | RSS growth / 100 files | same, second half | "
+        "fds start | warm | middle | end | max | files done at start / warm / middle / end |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["processes"]:
         growth = row["rss_growth_mib_per_100_files_after_warmup"]
+        late = row.get("rss_growth_mib_per_100_files_second_half")
         lines.append(
             f"| {row['pid']} | {row['role']} | {row['start']['rss_mib']:.0f} | {row['warm']['rss_mib']:.0f} | "
             f"{row['middle']['rss_mib']:.0f} | {row['end']['rss_mib']:.0f} | {row['max_rss_mib']:.0f} | "
-            f"{'n/a' if growth is None else f'{growth:+.1f}'} | {row['start']['fds']} | {row['warm']['fds']} | "
+            f"{'n/a' if growth is None else f'{growth:+.1f}'} | {'n/a' if late is None else f'{late:+.1f}'} | "
+            f"{row['start']['fds']} | {row['warm']['fds']} | "
             f"{row['middle']['fds']} | {row['end']['fds']} | {row['max_fds']} | {row['start']['done']} / "
             f"{row['warm']['done']} / {row['middle']['done']} / {row['end']['done']} |")
     lines += ["", "Command lines:", ""]
@@ -223,6 +228,31 @@ def write_markdown(path, result):
     if run["n_failed"]:
         lines += ["", "First failures:", ""] + [f"- {e}" for e in run["first_errors"]]
     path.write_text("\n".join(lines) + "\n")
+
+
+def plot_rss(result, path):
+    """RSS of every long-lived process against the number of files done."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in result["processes"]:
+        pid = str(row["pid"])
+        pts = [(smp["done"], smp["procs"][pid]["rss"] / 2**20) for smp in result["samples"] if pid in smp["procs"]]
+        if row["max_rss_mib"] < 100:  # small helpers (resource tracker, shells) say nothing here
+            continue
+        ax.plot(*zip(*pts, strict=True), ".", ms=2, label=f"{row['role']} ({row['pid']})")
+    ax.set_xlabel("files done")
+    ax.set_ylabel("RSS (MiB)")
+    run = result["run"]
+    ax.set_title(f"{run['n_files']} tiles, {run['mode']}, method {run['method']}", fontsize=10)
+    ax.legend(fontsize=8, markerscale=4)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- main
@@ -236,6 +266,8 @@ def main(argv=None):
     parser.add_argument("--shape", type=int, nargs=2, default=(128, 128), metavar=("NY", "NX"))
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples (default 0.5)")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "pipelines" / "results")
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "soak_rss.png",
+                        help="RSS against files done, per process (default docs/soak_rss.png)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where tiles and outputs go (default: a temporary directory, removed at the end)")
     parser.add_argument("--seed", type=int, default=0)
@@ -287,6 +319,8 @@ def main(argv=None):
         args.results_dir.mkdir(parents=True, exist_ok=True)
         (args.results_dir / "soak.json").write_text(json.dumps(result, indent=1))
         write_markdown(args.results_dir / "soak.md", result)
+        if args.figure is not None:
+            plot_rss(result, args.figure)
         print(f"{run['n_ok']} of {args.n} ok, {run['n_failed']} failed, {wall:.1f} s; "
               f"wrote {args.results_dir / 'soak.md'} and soak.json")
         return 0 if proc.returncode == 0 else 1
