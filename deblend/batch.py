@@ -607,9 +607,16 @@ class _DaskExecutor:
 
     def _connect(self, distributed):
         if self.workers is not None:
-            # one task per worker process at a time; torch gets the cores divided among the workers
-            self.cluster = distributed.LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                                    dashboard_address=":0")
+            import dask
+
+            # One task per worker process at a time; torch gets the cores divided among the workers.
+            # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap
+            # threshold: every large array is then mmap'ed and unmapped again, and a file takes
+            # 1.4-1.6x as long (pipelines/results/batch_throughput.md); the workers here keep glibc's
+            # default (a user's own setting of the variable still wins).
+            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+                self.cluster = distributed.LocalCluster(n_workers=self.workers, threads_per_worker=1,
+                                                        processes=True, dashboard_address=":0")
             self.client = distributed.Client(self.cluster)
         elif isinstance(self.scheduler, distributed.Client):
             self.client, self.owns_client = self.scheduler, False

@@ -10,7 +10,9 @@
     helper process per run so runs do not mask each other).
 (b) Throughput: simulates N_TILES scenes with `deblend.simulate` (TILE_SIZE²
     each) and times ``deblend run`` over the directory in-process (no Dask)
-    and with ``--workers`` 1 and 2, for each method. Wall time includes
+    and with ``--workers`` 1 and 2, for each method, and once more with one worker
+    under Dask's own ``MALLOC_TRIM_THRESHOLD_=65536`` (which deblend's local
+    workers no longer get, `deblend.batch`). Wall time includes
     process start, model loading and, with workers, starting the local
     cluster; the per-file time is the mean of the manifest's ``duration``.
 
@@ -176,14 +178,17 @@ def run_throughput(args, work):
         config = replace(SceneConfig(), shape=(args.tile_size, args.tile_size))
         simulate_directory(tiles, args.n_tiles, config=config, seed=args.seed, prefix="tile", overwrite=True,
                            progress=False)
-    modes = [("in-process", [])] + [(f"--workers {n}", ["--workers", str(n)]) for n in args.workers]
+    modes = [("in-process", [], None)] + [(f"--workers {n}", ["--workers", str(n)], None) for n in args.workers]
+    # what the workers ran like before deblend unset Dask's MALLOC_TRIM_THRESHOLD_ (see deblend.batch)
+    modes.append(("--workers 1, MALLOC_TRIM_THRESHOLD_=65536 (Dask's default)", ["--workers", "1"],
+                  {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}))
     rows = []
     for method in args.methods:
-        for name, extra in modes:
-            outdir = work / f"tiles_out_{method}_{name.replace(' ', '').replace('-', '')}"
+        for i, (name, extra, env) in enumerate(modes):
+            outdir = work / f"tiles_out_{method}_{i}"
             shutil.rmtree(outdir, ignore_errors=True)
             print(f"throughput: {method}, {name} ...", flush=True)
-            result = measure(deblend_cmd([tiles], outdir, method, extra))
+            result = measure(deblend_cmd([tiles], outdir, method, extra), env=env)
             durations = _manifest_durations(outdir) if (outdir / "manifest.jsonl").exists() else []
             mpix = args.n_tiles * args.tile_size ** 2 / 1e6
             row = {"method": method, "mode": name, "n_tiles": args.n_tiles, "tile_size": args.tile_size,

@@ -574,3 +574,17 @@ def test_parallel_option_errors(input_dir, tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         run(good_files(input_dir), tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_local_workers_keep_the_default_malloc_trimming(distributed, monkeypatch):
+    """Dask's MALLOC_TRIM_THRESHOLD_ makes every file 1.4-1.6x slower; local workers start without it."""
+    import os
+
+    from deblend.batch import _DaskExecutor
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with _DaskExecutor(workers=1) as executor:
+        env = executor.client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        omp = executor.client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
+    assert list(env.values()) == [None]
+    assert list(omp.values()) == ["1"]  # the other pre-spawn settings stay (torch threads are set per task)
