@@ -246,8 +246,10 @@ def _run_model(model, groups, *, n_samples, seed, device, batch_size):
             x = torch.from_numpy(np.stack([g.inputs[j] for g, j in chunk])).to(device)
             x = x.contiguous(memory_format=torch.channels_last)  # as the weights (deblend.pipeline)
             eps = torch.stack([noise[g.gid][:, j] for g, j in chunk], dim=1)
-            where = torch.from_numpy(np.stack([g.where[j] for g, j in chunk])).to(device)
-            probs = model.sample(x, n_samples=n_samples, seed=seed, noise=eps, where=where).cpu().numpy()
+            where = np.stack([g.where[j] for g, j in chunk])
+            probs = model.sample(x, n_samples=n_samples, seed=seed, noise=eps,
+                                 where=torch.from_numpy(where).to(device)).cpu().numpy()
+            probs *= where[:, None]  # whatever the model returns elsewhere
             for (g, j), p in zip(chunk, probs, strict=True):
                 g.probs[j] = p
 
@@ -333,7 +335,8 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
                 continue
             group.inputs = [_member_input(normalized, positions, k, group.windows[j])
                             for j, k in enumerate(members)]
-            group.where = [_member_pixels(labels, bad, members, window, pad=pad) for window in group.windows]
+            group.where = [_member_pixels(labels, bad, members, k, window, pad=pad)
+                           for k, window in zip(members, group.windows, strict=True)]
             pending.append(group)
             if sum(len(g.members) for g in pending) >= batch_size:
                 _run_model(model, pending, n_samples=n_samples, seed=seed, device=device, batch_size=batch_size)
@@ -358,8 +361,12 @@ def _member_input(normalized, positions, k, window):
     return refine_input(_crop(normalized, y0, x0, size, size), local[k - 1], local[near])
 
 
-def _member_pixels(labels, bad, members, window, *, pad):
-    """Pixels of a member's window it may be given: near the group's segments, in the image, good, not foreign."""
+def _member_pixels(labels, bad, members, k, window, *, pad):
+    """Pixels of member ``k``'s window it may be given.
+
+    Those within ``pad`` pixels (a square) of its detector segment, in the image,
+    not flagged, and not another group's: the network's answer is only needed there.
+    """
     from scipy import ndimage
 
     y0, x0, size = window
@@ -367,9 +374,9 @@ def _member_pixels(labels, bad, members, window, *, pad):
     ny, nx = labels.shape
     yy, xx = np.arange(y0, y0 + size)[:, None], np.arange(x0, x0 + size)[None, :]
     inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-    group = np.isin(lab, members)
-    near = ndimage.maximum_filter(group, size=2 * pad + 1) if pad > 0 else group
-    return near & inside & ~_crop(bad, y0, x0, size, size) & ((lab == 0) | group)
+    own = lab == k
+    near = ndimage.maximum_filter(own, size=2 * pad + 1) if pad > 0 else own
+    return near & inside & ~_crop(bad, y0, x0, size, size) & ((lab == 0) | np.isin(lab, members))
 
 
 class _State:

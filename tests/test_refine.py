@@ -232,3 +232,15 @@ def test_batching_does_not_change_the_result():
     np.testing.assert_array_equal(one.labels, many.labels)
     np.testing.assert_allclose(one.flux_samples, many.flux_samples, rtol=1e-6)
     np.testing.assert_array_equal(one.blend_id, [1, 1, 0, 2, 2])
+
+
+def test_a_member_grows_at_most_pad_pixels_beyond_its_segment():
+    from scipy import ndimage
+
+    labels, pos = two_blobs()
+    r = refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([40.0]),
+                      positions=pos, n_samples=2, pad=3)
+    for k in (1, 2):
+        reach = ndimage.maximum_filter(labels == k, size=7)
+        assert (r.labels == k).any() and not ((r.labels == k) & ~reach).any()
+    assert ((r.labels == 1) & ~(labels == 1)).any()  # and it does grow
