@@ -3,9 +3,10 @@
 Mask R-CNN gives one answer per source; in a blend several are plausible.
 For each *blend group* (detections whose footprints touch), the
 probabilistic U-Net (`deblend.models.prob_unet`) is run once per member on a
-cutout of the group, with the member marked by a heat map at its position
-and the other detections marked in a second heat map, and draws
-``n_samples`` masks per member. Per sample, each pixel goes to the member
+window centred on it (`CUTOUT` pixels, as in training), with the member
+marked by a heat map at its position and the other detections marked in a
+second heat map, and draws ``n_samples`` masks per member; the windows of
+all groups are batched. Per sample, each pixel goes to the member
 that claims it most (if any claims it with probability > 0.5): a joint
 assignment. The final labels come from the mean probabilities in the same
 way. Outputs: the refined label map, a per-pixel uncertainty (fraction of
