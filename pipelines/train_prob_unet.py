@@ -86,7 +86,7 @@ def main():
     p.add_argument("--steps", type=int, default=20000, help="upper bound on optimisation steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-minutes", type=float, default=55.0, help="time budget (0: steps only)")
+    p.add_argument("--max-minutes", type=float, default=50.0, help="time budget (0: steps only)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
     p.add_argument("--workers", type=int, default=2, help="processes for simulating scenes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
