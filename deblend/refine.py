@@ -325,9 +325,17 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         multiple = 2 ** (model.depth - 1)
         boxes = ndimage.find_objects(labels, max_label=n)
         windows = _windows(positions, boxes, pad=pad, multiple=multiple)
+        order = np.argsort(blend_id, kind="stable")  # labels of each group, without a pass per group
+        starts = np.searchsorted(blend_id[order], np.arange(1, n_groups + 2))
+
+        def flush(pending):
+            _run_model(model, pending, n_samples=n_samples, seed=seed, device=device, batch_size=batch_size)
+            for g in pending:  # in group order: a group may only take pixels earlier ones left free
+                state.assign(g)
+
         pending = []
         for gid in range(1, n_groups + 1):
-            members = np.flatnonzero(blend_id == gid) + 1
+            members = order[starts[gid - 1]:starts[gid]] + 1
             group = _Group(gid, members, [windows[k - 1] for k in members])
             widest = max(size for _, _, size in group.windows)
             if widest > max_size:
@@ -340,14 +348,10 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
                            for k, window in zip(members, group.windows, strict=True)]
             pending.append(group)
             if sum(len(g.members) for g in pending) >= batch_size:
-                _run_model(model, pending, n_samples=n_samples, seed=seed, device=device, batch_size=batch_size)
-                for g in pending:  # in group order: a group may only take pixels earlier ones left free
-                    state.assign(g)
+                flush(pending)
                 pending = []
         if pending:
-            _run_model(model, pending, n_samples=n_samples, seed=seed, device=device, batch_size=batch_size)
-            for g in pending:
-                state.assign(g)
+            flush(pending)
     log.debug("refined %d of %d sources in %d groups", int(state.refined.sum()), n, n_groups)
     return Refinement(labels=state.out, uncertainty=state.uncertainty, blend_id=blend_id, n_blend=n_blend,
                       flux_samples=state.flux, refined=state.refined, samples=state.samples)

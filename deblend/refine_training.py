@@ -29,7 +29,7 @@ import torch
 
 from deblend.io import Image, atomic_path
 from deblend.preprocess import prepare
-from deblend.refine import CUTOUT, refine_input
+from deblend.refine import CUTOUT, _crop, refine_input
 from deblend.simulate import scene_seed, simulate_scene
 from deblend.training import ConditionRanges, fit, sample_config
 
@@ -89,16 +89,6 @@ def plausible_annotations(source_images, target, noise_sigma, *, n=8, rng, weigh
     return out
 
 
-def _crop(array, y0, x0, size):
-    """``array[..., y0:y0+size, x0:x0+size]`` with zero padding outside."""
-    ny, nx = array.shape[-2:]
-    out = np.zeros((*array.shape[:-2], size, size), dtype=array.dtype)
-    ya, yb, xa, xb = max(y0, 0), min(y0 + size, ny), max(x0, 0), min(x0 + size, nx)
-    if ya < yb and xa < xb:
-        out[..., ya - y0:yb - y0, xa - x0:xb - x0] = array[..., ya:yb, xa:xb]
-    return out
-
-
 def make_refine_examples(seed, *, ranges=None, size=CUTOUT, n_annotations=8, isolated_fraction=0.2,
                          max_offset=12, centre_jitter=0.7, drop_fraction=0.15):
     """Simulate one scene and cut a training example around each blended source.
@@ -141,13 +131,13 @@ def make_refine_examples(seed, *, ranges=None, size=CUTOUT, n_annotations=8, iso
             continue
         cx, cy = xy[i] + rng.integers(-max_offset, max_offset + 1, 2)
         x0, y0 = int(round(cx)) - size // 2, int(round(cy)) - size // 2
-        stamps = _crop(scene.source_images, y0, x0, size)
+        stamps = _crop(scene.source_images, y0, x0, size, size)
         present = np.flatnonzero(stamps.reshape(len(stamps), -1).max(axis=1) > 0)
         if i not in present:
             continue
         others = [k for k in present if k != i and rng.random() >= drop_fraction]
         marks = xy + rng.normal(0.0, centre_jitter, xy.shape)
-        x = refine_input(_crop(normalized, y0, x0, size), marks[i] - (x0, y0), marks[others] - (x0, y0))
+        x = refine_input(_crop(normalized, y0, x0, size, size), marks[i] - (x0, y0), marks[others] - (x0, y0))
         ann = plausible_annotations(stamps[present], int(np.flatnonzero(present == i)[0]), cfg.noise_sigma,
                                     n=n_annotations, rng=rng)
         if not ann[0].any():
