@@ -211,12 +211,47 @@ def _paste_crops(mask_probs, boxes, window_shape):
     return crops
 
 
-def _mask_rcnn_forward(model, images, score_threshold):
+# Region counts are rounded up to a multiple of this before the box and mask heads (zero rows, dropped
+# after). CPU backends keep per-shape state (oneDNN kernels, allocator blocks of that size) for every
+# distinct batch size they see, and the number of proposals and detections differs from tile to tile,
+# so without it a long run's memory grows with the tiles it has seen (pipelines/memory_probe.py).
+ROI_BUCKET = 8
+
+
+def _bucketed(head, rois):
+    """``head(rois)``, evaluated on ``rois`` padded with zero rows to a multiple of `ROI_BUCKET`."""
+    n, bucket = rois.shape[0], ROI_BUCKET
+    padded = -(-n // bucket) * bucket
+    if padded == n:
+        return head(rois)
+    out = head(torch.cat([rois, rois.new_zeros((padded - n, *rois.shape[1:]))]))
+    return tuple(o[:n] for o in out) if isinstance(out, tuple) else out[:n]
+
+
+def _may_be_owned(boxes, core):
+    """Whether each box (window coordinates) could hold its detection's owning centre in ``core``.
+
+    `detect` keeps a detection from the window whose core holds its
+    mask-weighted centre. That centre lies in the mask's crop: the box grown
+    by one mask pixel on each side (4 % of its size, `_paste_crops`) and
+    rounded to whole pixels. A box that misses the core by more than a quarter
+    of its size plus two pixels can therefore never be kept, and its mask
+    need not be computed. ``core`` is ``(cy0, cx0, cy1, cx1)``, window pixels.
+    """
+    cy0, cx0, cy1, cx1 = core
+    x0, y0, x1, y1 = boxes.unbind(1)
+    gx, gy = 0.25 * (x1 - x0) + 2.0, 0.25 * (y1 - y0) + 2.0
+    return (x1 + gx >= cx0 - 0.5) & (x0 - gx < cx1 - 0.5) & (y1 + gy >= cy0 - 0.5) & (y0 - gy < cy1 - 0.5)
+
+
+def _mask_rcnn_forward(model, images, score_threshold, cores=None):
     """Evaluate a torchvision Mask R-CNN on a (B, C, H, W) batch, one detection per proposal.
 
     The eval path of ``GeneralizedRCNN.forward`` and ``RoIHeads.forward``, with
     `_postprocess_detections` in place of torchvision's and masks pasted into
-    crops (`_paste_crops`) rather than full windows.
+    crops (`_paste_crops`) rather than full windows. With ``cores`` (one
+    ``(cy0, cx0, cy1, cx1)`` per image, window pixels), detections that no
+    core could own (`_may_be_owned`) are dropped before the mask head.
     """
     sizes = [tuple(int(s) for s in images.shape[-2:])] * len(images)
     image_list, _ = model.transform(list(images))
@@ -225,19 +260,23 @@ def _mask_rcnn_forward(model, images, score_threshold):
         features = OrderedDict([("0", features)])
     proposals, _ = model.rpn(image_list, features)
     heads = model.roi_heads
-    box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_list.image_sizes))
-    class_logits, box_regression = heads.box_predictor(box_features)
+    class_logits, box_regression = _bucketed(lambda r: heads.box_predictor(heads.box_head(r)),
+                                             heads.box_roi_pool(features, proposals, image_list.image_sizes))
     per_image = _postprocess_detections(heads, class_logits, box_regression, proposals,
                                         image_list.image_sizes)
     # Drop what the caller would drop before the (costlier) mask head.
     per_image = [tuple(t[d >= score_threshold] for t in (b, lab, c, d))
                  for b, lab, c, d in per_image]
+    if cores is not None:  # and what another window will keep
+        per_image = [tuple(t[keep] for t in found)
+                     for found, core in zip(per_image, cores, strict=True)
+                     for keep in [_may_be_owned(found[0], core)]]
     mask_boxes = [b for b, _, _, _ in per_image]
     labels = [lab for _, lab, _, _ in per_image]
     n_total = sum(len(b) for b in mask_boxes)
     if n_total:
-        mask_logits = heads.mask_predictor(heads.mask_head(
-            heads.mask_roi_pool(features, mask_boxes, image_list.image_sizes)))
+        mask_logits = _bucketed(lambda r: heads.mask_predictor(heads.mask_head(r)),
+                                heads.mask_roi_pool(features, mask_boxes, image_list.image_sizes))
         index = torch.arange(n_total, device=mask_logits.device)
         mask_probs = mask_logits[index, torch.cat(labels)].sigmoid()[:, None]
         mask_probs = mask_probs.split([len(b) for b in mask_boxes], 0)
@@ -255,8 +294,8 @@ def _mask_rcnn_forward(model, images, score_threshold):
     return out
 
 
-def _generic_forward(model, images, score_threshold):
-    """Call any model returning torchvision-style eval dicts; crop its full-window masks."""
+def _generic_forward(model, images, score_threshold, cores=None):
+    """Call any model returning torchvision-style eval dicts; crop its full-window masks (``cores`` unused)."""
     outputs = model(images)
     if len(outputs) != len(images):
         raise ValueError(f"model returned {len(outputs)} results for a batch of {len(images)} "
@@ -466,7 +505,8 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
                               desc="detect", disable=not progress):
                 tensor = torch.from_numpy(np.stack([image[w.slices] for w in batch]))
                 tensor = tensor[:, np.newaxis].to(device)
-                for window, found in zip(batch, forward(model, tensor, float(score_threshold)),
+                cores = [(w.cy0 - w.y0, w.cx0 - w.x0, w.cy1 - w.y0, w.cx1 - w.x0) for w in batch]
+                for window, found in zip(batch, forward(model, tensor, float(score_threshold), cores),
                                          strict=True):
                     parts.append(_keep_owned(found, window, bad))
     finally:

@@ -67,6 +67,7 @@ from deblend.io import Image, read_image
 from deblend.pipeline import Deblender
 from deblend.preprocess import prepare
 from deblend.result import DeblendResult
+import deblend.segment
 from deblend.segment import detect, instances_to_labels, suppress_duplicates
 from deblend.simulate import SceneConfig, read_truth, scene_seed, simulate_scene, write_scene
 from deblend.tiling import has_signal, make_windows
@@ -839,8 +840,13 @@ def ablation_variants(base_model, opts, *, quick=False, compile_=False):
     if not quick:
         variants.append(("detections per window <= 100 (default 300)", "proposals",
                          lambda: (_max_detections(base_model, 100), {}, contextlib.nullcontext())))
-    variants.append(("channels_last", "memory format",
-                     lambda: (copy.deepcopy(base_model).to(memory_format=torch.channels_last), {},
+    variants.append(("masks for every detection (also those no window core can own)", "trimmed detections",
+                     lambda: (base_model, {}, mock.patch.object(
+                         deblend.segment, "_may_be_owned", lambda boxes, core: torch.ones(len(boxes), dtype=bool)))))
+    variants.append(("RoI batches not padded to multiples of 8 (ROI_BUCKET = 1)", "memory",
+                     lambda: (base_model, {}, mock.patch.object(deblend.segment, "ROI_BUCKET", 1))))
+    variants.append(("contiguous weights (the default is channels_last)", "memory format",
+                     lambda: (copy.deepcopy(base_model).to(memory_format=torch.contiguous_format), {},
                               contextlib.nullcontext())))
     variants.append(("torch.jit trace+freeze (backbone+FPN)", "compilation",
                      lambda: (_jit_backbone(base_model, example), {}, contextlib.nullcontext())))

@@ -9,7 +9,7 @@ from scipy import ndimage
 from torch import nn
 
 from deblend.models.mask_rcnn import _paste_masks, build_mask_rcnn
-from deblend.segment import Instances, _paste_crops, detect, instances_to_labels
+from deblend.segment import ROI_BUCKET, Instances, _bucketed, _paste_crops, detect, instances_to_labels
 from deblend.tiling import make_windows
 
 
@@ -434,3 +434,57 @@ def test_suppress_duplicates_drops_a_second_detection_of_one_source():
     assert len(suppress_duplicates(inst, (10, 10), max_overlap=1.0)) == 3
     with pytest.raises(ValueError, match="max_overlap"):
         suppress_duplicates(inst, (10, 10), max_overlap=0.0)
+
+
+def test_bucketed_heads_see_padded_batches_and_give_unpadded_results():
+    """Box and mask heads run on region counts rounded up to ROI_BUCKET; the padding never shows."""
+    torch.manual_seed(0)
+    seen = []
+    linear = nn.Linear(5, 3)
+
+    def head(x):
+        seen.append(x.shape[0])
+        return linear(x)
+
+    for n in (1, ROI_BUCKET - 1, ROI_BUCKET, ROI_BUCKET + 1, 3 * ROI_BUCKET + 5):
+        rois = torch.randn(n, 5)
+        out = _bucketed(head, rois)
+        assert out.shape == (n, 3)
+        torch.testing.assert_close(out, linear(rois))
+    assert all(size % ROI_BUCKET == 0 for size in seen)
+    pair = _bucketed(lambda x: (x[:, :2], x[:, 2:]), torch.randn(7, 5))  # heads giving tuples
+    assert [t.shape for t in pair] == [(7, 2), (7, 3)]
+
+
+def test_mask_rcnn_heads_only_see_bucketed_region_counts():
+    model = build_mask_rcnn(seed=0).eval()
+    sizes = []
+    for head in (model.roi_heads.box_head, model.roi_heads.mask_head):
+        head.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    image = _scene((96, 96), [(30.0, 40.0, 30.0, 2.0), (70.0, 60.0, 20.0, 3.0)], seed=5)
+    found = detect(image, model=model, window_size=64, overlap=16, score_threshold=0.0, skip_empty=False)
+    assert len(found) > 0 and len(sizes) >= 2
+    assert all(size % ROI_BUCKET == 0 for size in sizes), sizes
+
+
+def test_masks_are_not_computed_for_detections_no_core_can_own(monkeypatch):
+    """Detections that lie outside their window's core skip the mask head; the result is unchanged."""
+    import deblend.segment
+
+    model = build_mask_rcnn(seed=0).eval()
+    sources = [(float(x), float(y), 25.0, 2.5) for x, y in [(20, 30), (62, 70), (100, 40), (140, 120), (60, 150)]]
+    image = _scene((176, 176), sources, seed=3)
+    kwargs = {"model": model, "window_size": 64, "overlap": 24, "score_threshold": 0.0, "skip_empty": False}
+    masked = []
+    model.roi_heads.mask_head.register_forward_pre_hook(lambda m, args: masked.append(args[0].shape[0]))
+    trimmed = detect(image, **kwargs)
+    n_trimmed = sum(masked)
+    masked.clear()
+    monkeypatch.setattr(deblend.segment, "_may_be_owned", lambda boxes, core: torch.ones(len(boxes), dtype=bool))
+    full = detect(image, **kwargs)
+    assert sum(masked) > n_trimmed  # fewer masks computed ...
+    assert len(trimmed) == len(full) > 0  # ... for the same instances
+    for name in ("boxes", "labels", "class_prob", "det_score", "centers"):
+        np.testing.assert_array_equal(getattr(trimmed, name), getattr(full, name))
+    for a, b in zip(trimmed.masks, full.masks, strict=True):
+        np.testing.assert_array_equal(a, b)
