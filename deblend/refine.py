@@ -227,6 +227,17 @@ class _Group:
     probs: list | None = None  # (n_samples, size, size) per member
 
 
+# Windows per U-Net call are padded (with empty windows) to 1, 2, 4 or a multiple of this.
+BATCH_BUCKET = 8
+
+
+def _padded_batch(n):
+    """How many windows a call with ``n`` windows is padded to: at most 7 per call, at most 2x for small calls."""
+    if n <= BATCH_BUCKET:
+        return 1 << (n - 1).bit_length()
+    return -(-n // BATCH_BUCKET) * BATCH_BUCKET
+
+
 def _run_model(model, groups, *, n_samples, seed, device, batch_size):
     """Draw every pending member's samples, batching windows of equal size across groups."""
     import torch
@@ -244,13 +255,19 @@ def _run_model(model, groups, *, n_samples, seed, device, batch_size):
     for size_items in by_size.values():
         for start in range(0, len(size_items), batch_size):
             chunk = size_items[start:start + batch_size]
-            x = torch.from_numpy(np.stack([g.inputs[j] for g, j in chunk])).to(device)
+            # Padded with empty windows (`_padded_batch`): fewer distinct shapes for the CPU backends to
+            # keep state for (see deblend.segment.ROI_BUCKET). They cost no head pixels.
+            n_pad = _padded_batch(len(chunk)) - len(chunk)
+            inputs = [g.inputs[j] for g, j in chunk]
+            x = torch.from_numpy(np.stack(inputs + [np.zeros_like(inputs[0])] * n_pad)).to(device)
             x = x.contiguous(memory_format=torch.channels_last)  # as the weights (deblend.pipeline)
             eps = torch.stack([noise[g.gid][:, j] for g, j in chunk], dim=1)
+            eps = torch.cat([eps, eps.new_zeros((eps.shape[0], n_pad, eps.shape[2]))], dim=1)
             where = np.stack([g.where[j] for g, j in chunk])
+            where = np.concatenate([where, np.zeros((n_pad, *where.shape[1:]), bool)])
             probs = model.sample(x, n_samples=n_samples, seed=seed, noise=eps,
-                                 where=torch.from_numpy(where).to(device)).cpu().numpy()
-            probs *= where[:, None]  # whatever the model returns elsewhere
+                                 where=torch.from_numpy(where).to(device)).cpu().numpy()[:len(chunk)]
+            probs *= where[:len(chunk), None]  # whatever the model returns elsewhere
             for (g, j), p in zip(chunk, probs, strict=True):
                 g.probs[j] = p
 

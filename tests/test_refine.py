@@ -234,6 +234,28 @@ def test_batching_does_not_change_the_result():
     np.testing.assert_array_equal(one.blend_id, [1, 1, 0, 2, 2])
 
 
+def test_unet_batches_are_padded_to_a_few_shapes_without_changing_the_result(monkeypatch):
+    """U-Net calls see a few batch sizes only (bounded backend state in long runs), with the same results."""
+    import deblend.refine
+
+    torch.manual_seed(0)
+    model = build_prob_unet(widths=(4, 8, 8, 8), head_width=8, latent_dim=2)
+    labels, pos = two_blobs(shape=(80, 160))
+    labels[40:48, 110:118], labels[40:48, 118:126], labels[60:66, 110:116] = 4, 5, 6  # a group of three
+    pos = np.vstack([pos, [113, 44], [121, 44], [113, 63]])
+    image = np.random.default_rng(1).normal(size=labels.shape).astype(np.float32)
+    seen = []
+    sample = model.sample
+    monkeypatch.setattr(model, "sample", lambda x, **kw: seen.append(x.shape[0]) or sample(x, **kw))
+    padded = refine_blends(image, labels, image, model=model, positions=pos, n_samples=3)
+    assert seen and set(seen) <= {1, 2, 4} | set(range(8, 33, 8)), seen
+    assert [deblend.refine._padded_batch(n) for n in (1, 2, 3, 5, 8, 9, 17, 32)] == [1, 2, 4, 8, 8, 16, 24, 32]
+    monkeypatch.setattr(deblend.refine, "BATCH_BUCKET", 1)
+    plain = refine_blends(image, labels, image, model=model, positions=pos, n_samples=3)
+    np.testing.assert_array_equal(padded.labels, plain.labels)
+    np.testing.assert_allclose(padded.flux_samples, plain.flux_samples, rtol=1e-6)
+
+
 def test_a_member_grows_at_most_pad_pixels_beyond_its_segment():
     from scipy import ndimage
 
