@@ -21,6 +21,8 @@ memory-mapped and deblended window by window (`deblend.largeimage`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import glob
 import json
@@ -454,8 +456,46 @@ def _process(deblender, task, windowed=False):
     return {"status": "ok", "n_sources": result.n_sources, "outputs": {k: str(v) for k, v in outputs.items()}}
 
 
+def _malloc_trim():
+    """The C library's ``malloc_trim`` (glibc), or None where there is none (macOS, musl, Windows)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _release_memory():
+    """Hand the heap memory freed by the last input back to the operating system.
+
+    Each input leaves behind freed blocks of its own sizes (tensors and arrays
+    of that image's shapes, that many detections) in glibc's arenas, which a
+    long-running process keeps resident and reuses only in part, so its RSS
+    creeps up over thousands of files (pipelines/soak.py measured it in Dask
+    workers). ``malloc_trim(0)`` returns those free pages; it costs a few
+    milliseconds per call. A no-op on C libraries without it. Returns whether
+    memory was released.
+    """
+    return bool(_MALLOC_TRIM(0)) if _MALLOC_TRIM is not None else False
+
+
 def _execute(task, deblender):
-    """Everything that happens to one planned input, wherever it runs; returns its `FileRecord`."""
+    """Everything that happens to one planned input, wherever it runs; returns its `FileRecord`.
+
+    The memory the input's deblending freed is given back afterwards (`_release_memory`).
+    """
+    try:
+        return _execute_one(task, deblender)
+    finally:
+        _release_memory()
+
+
+def _execute_one(task, deblender):
     start = time.perf_counter()
     first = task.files[0]
     checksum = ""
@@ -613,8 +653,12 @@ class _DaskExecutor:
             # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap
             # threshold: every large array is then mmap'ed and unmapped again, and a file takes
             # 1.4-1.6x as long (pipelines/results/batch_throughput.md); the workers here keep glibc's
-            # default (a user's own setting of the variable still wins).
-            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            # default (a user's own setting of the variable still wins). Dask's statistical profiler
+            # samples each worker's stack every 10 ms and keeps one call tree per second for the last
+            # 1000 s (distributed.admin.low-level-log-length); with torch's deep stacks a worker's memory
+            # grew with the run's duration (pipelines/soak.py), so it is off.
+            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                                  "distributed.worker.profile.enabled": False}):
                 self.cluster = distributed.LocalCluster(n_workers=self.workers, threads_per_worker=1,
                                                         processes=True, dashboard_address=":0")
             self.client = distributed.Client(self.cluster)

@@ -46,11 +46,14 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=50, help="files between checkpoints (default 50)")
     p.add_argument("--shape", type=int, nargs=2, default=(128, 128))
     p.add_argument("--results-dir", type=Path, default=ROOT / "pipelines" / "results")
+    p.add_argument("--no-trim", action="store_true",
+                   help="do not hand freed heap memory back after each file (deblend run does; for A/B runs)")
     p.add_argument("--tag", default="", help="suffix of the result files (memory_probe_TAG.md), for A/B runs")
     args = p.parse_args(argv)
 
     from soak import make_tiles
 
+    from deblend.batch import _release_memory
     from deblend.io import read_image
     from deblend.pipeline import Deblender
 
@@ -64,6 +67,8 @@ def main(argv=None):
         result = deblender.run(read_image(path))
         result.write(work / "out", stem=Path(path).stem, overwrite=True)
         del result
+        if not args.no_trim:
+            _release_memory()  # as deblend run does after each input
         if i % args.every == 0 or i == len(tiles):
             gc.collect()
             traced, _ = tracemalloc.get_traced_memory()
@@ -90,7 +95,8 @@ def main(argv=None):
     (args.results_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     env = ", ".join(f"{k}={v}" for k, v in result["environment"].items()) or "none"
     lines = ["# Memory probe", "", f"Command: `{result['command']}`; {len(tiles)} tiles of "
-             f"{args.shape[0]}×{args.shape[1]}, default pipeline, in one process (no Dask). "
+             f"{args.shape[0]}×{args.shape[1]}, default pipeline, in one process (no Dask), "
+             f"{'without' if args.no_trim else 'with'} malloc_trim after each file as `deblend run` does. "
              f"Allocator/oneDNN environment variables: {env}.", "",
              "| files done | RSS (MiB) | Python heap traced (MiB) | seconds |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['files']} | {r['rss_mib']} | {r['python_heap_mib']} | {r['seconds']} |" for r in rows]

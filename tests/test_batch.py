@@ -588,3 +588,35 @@ def test_local_workers_keep_the_default_malloc_trimming(distributed, monkeypatch
         omp = executor.client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
     assert list(env.values()) == [None]
     assert list(omp.values()) == ["1"]  # the other pre-spawn settings stay (torch threads are set per task)
+
+
+def test_local_workers_run_without_the_statistical_profiler(distributed):
+    """Dask's profiler keeps 1000 s of stack samples per worker: memory that grows with the run."""
+    import dask
+
+    from deblend.batch import _DaskExecutor
+
+    with _DaskExecutor(workers=1) as executor:
+        enabled = executor.client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+        history = executor.client.run(lambda dask_worker: len(dask_worker.profile_history))
+    assert list(enabled.values()) == [False]
+    assert list(history.values()) == [0]
+
+
+def test_freed_memory_is_handed_back_after_every_input(input_dir, tmp_path, monkeypatch):
+    """Long runs: glibc keeps each file's freed blocks unless trimmed (pipelines/soak.py measured the creep)."""
+    import deblend.batch
+
+    calls = []
+    monkeypatch.setattr(deblend.batch, "_release_memory", lambda: calls.append(1) or True)
+    summary = run([input_dir], tmp_path / "out")
+    assert len(summary.records) == 6 and len(calls) == 6  # failed inputs too
+
+
+def test_release_memory_is_safe_to_call():
+    from deblend.batch import _MALLOC_TRIM, _release_memory
+
+    released = _release_memory()
+    assert isinstance(released, bool)
+    if _MALLOC_TRIM is None:  # a C library without malloc_trim: a no-op
+        assert released is False
