@@ -477,8 +477,8 @@ def _release_memory():
     of that image's shapes, that many detections) in glibc's arenas, which a
     long-running process keeps resident and reuses only in part, so its RSS
     creeps up over thousands of files (pipelines/soak.py measured it in Dask
-    workers). ``malloc_trim(0)`` returns those free pages; it costs a few
-    milliseconds per call. A no-op on C libraries without it. Returns whether
+    workers). ``malloc_trim(0)`` returns those free pages; it is cheap next
+    to deblending a file. A no-op on C libraries without it. Returns whether
     memory was released.
     """
     return bool(_MALLOC_TRIM(0)) if _MALLOC_TRIM is not None else False

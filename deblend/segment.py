@@ -268,9 +268,11 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None):
     per_image = [tuple(t[d >= score_threshold] for t in (b, lab, c, d))
                  for b, lab, c, d in per_image]
     if cores is not None:  # and what another window will keep
-        per_image = [tuple(t[keep] for t in found)
-                     for found, core in zip(per_image, cores, strict=True)
-                     for keep in [_may_be_owned(found[0], core)]]
+        kept = []
+        for found, core in zip(per_image, cores, strict=True):
+            owned = _may_be_owned(found[0], core)
+            kept.append(tuple(t[owned] for t in found))
+        per_image = kept
     mask_boxes = [b for b, _, _, _ in per_image]
     labels = [lab for _, lab, _, _ in per_image]
     n_total = sum(len(b) for b in mask_boxes)
