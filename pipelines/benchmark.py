@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 import deblend
+import deblend.segment
 from deblend.catalog import make_catalog
 from deblend.classical import photutils_labels, sep_labels
 from deblend.evaluate import evaluate_image, summarize
@@ -67,7 +68,6 @@ from deblend.io import Image, read_image
 from deblend.pipeline import Deblender
 from deblend.preprocess import prepare
 from deblend.result import DeblendResult
-import deblend.segment
 from deblend.segment import detect, instances_to_labels, suppress_duplicates
 from deblend.simulate import SceneConfig, read_truth, scene_seed, simulate_scene, write_scene
 from deblend.tiling import has_signal, make_windows
