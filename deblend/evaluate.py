@@ -44,6 +44,13 @@ star/galaxy accuracy
     'galaxy') agrees with the truth ``is_star``; only when the prediction
     catalog has a ``class`` column (otherwise None). Rows whose class is
     neither 'star' nor 'galaxy' are not scored.
+recall by separation
+    Recall over counted truth sources binned by the distance to their
+    nearest truth neighbour (any row), in PSF FWHM: below 1, 1-2, 2-3 and
+    3 or more (isolated sources fall in the last bin). Pairs closer than
+    1 FWHM are barely resolved by any method; the bins show where a
+    deblender's recall is lost. Keys ``recall_nn_0_1``, ``recall_nn_1_2``,
+    ``recall_nn_2_3``, ``recall_nn_3_up`` (`SEPARATION_EDGES`).
 merged
     Counted truth sources that are unmatched *and* whose true centre pixel
     lies inside a predicted segment that is matched to another truth
@@ -85,6 +92,7 @@ from deblend import io as dbio
 from deblend.exceptions import InputError
 
 __all__ = [
+    "SEPARATION_EDGES",
     "match_sources",
     "evaluate_image",
     "summarize",
@@ -101,6 +109,16 @@ _TRUTH_REQUIRED = ("id", "x", "y")
 
 #: Catalog extensions tried, in this order, when no format is given.
 _CATALOG_SEARCH = ("fits", "ecsv", "csv", "parquet", "votable")
+
+#: Bin edges, in PSF FWHM, of the nearest-neighbour separation of truth sources (recall by separation).
+SEPARATION_EDGES = (0.0, 1.0, 2.0, 3.0, math.inf)
+
+
+def _separation_keys():
+    names = [f"{int(lo)}_{int(hi)}" if math.isfinite(hi) else f"{int(lo)}_up"
+             for lo, hi in zip(SEPARATION_EDGES[:-1], SEPARATION_EDGES[1:], strict=True)]
+    return [f"recall_nn_{n}" for n in names]
+
 
 #: Keys of `evaluate_image` results that `summarize` sums.
 _COUNT_KEYS = (
@@ -127,6 +145,8 @@ _TABLE_ROWS = (
     ("median |Δflux|/flux", "median_abs_flux_error", "ratio"),
     ("  ... blended", "median_abs_flux_error_blended", "ratio"),
     ("star/galaxy acc", "star_galaxy_accuracy", "ratio"),
+    *((f"recall, neighbour {lab}", key, "ratio") for lab, key in zip(
+        ("< 1 FWHM", "1-2 FWHM", "2-3 FWHM", ">= 3 FWHM"), _separation_keys(), strict=True)),
     ("merged", "merged", "count"),
     ("shredded", "shredded", "count"),
     ("n_truth", "n_truth", "count"),
@@ -511,8 +531,10 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
         over blended true positives (``iou_sum_blended``,
         ``flux_rel_errors_blended``), ``class_correct``
         and ``class_total`` (None without a ``class`` column), ``merged``,
-        ``shredded``, ``fwhm_pixels`` and ``min_snr``. See the module
-        docstring for the definitions.
+        ``shredded``, ``n_by_separation`` and ``tp_by_separation`` (counted
+        truth sources and true positives per bin of nearest-neighbour
+        separation, `SEPARATION_EDGES`), ``fwhm_pixels`` and ``min_snr``. See
+        the module docstring for the definitions.
 
     Raises
     ------
@@ -584,6 +606,9 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
 
     n_truth = int(counted.sum())
     blended = truth["blended"]
+    bins = np.digitize(_neighbour_distance(truth["x"], truth["y"]) / fwhm, SEPARATION_EDGES[1:-1])
+    n_sep = np.bincount(bins[counted], minlength=len(SEPARATION_EDGES) - 1)
+    tp_sep = np.bincount(bins[tp_t], minlength=len(SEPARATION_EDGES) - 1)
     return {
         "n_truth": n_truth,
         "n_truth_total": int(truth["id"].size),
@@ -602,9 +627,21 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
         "class_total": class_total,
         "merged": merged,
         "shredded": shredded,
+        "n_by_separation": [int(v) for v in n_sep],
+        "tp_by_separation": [int(v) for v in tp_sep],
         "fwhm_pixels": fwhm,
         "min_snr": min_snr,
     }
+
+
+def _neighbour_distance(x, y):
+    """Distance from each position to its nearest other position (inf when alone or not finite)."""
+    xy = np.column_stack([x, y]).astype(float)
+    out = np.full(len(xy), np.inf)
+    ok = np.flatnonzero(np.isfinite(xy).all(axis=1))
+    if ok.size > 1:
+        out[ok] = cKDTree(xy[ok]).query(xy[ok], k=2)[0][:, 1]
+    return out
 
 
 def _ratio(num, den):
@@ -630,7 +667,9 @@ def summarize(per_image_results):
         relative flux error), ``mean_iou_blended`` and
         ``median_abs_flux_error_blended`` (over blended true positives),
         ``star_galaxy_accuracy`` (None when no image
-        was scored for class), ``merged``, ``shredded``, ``n_images``,
+        was scored for class), the recall by nearest-neighbour separation
+        (``recall_nn_0_1`` ... ``recall_nn_3_up``) with the counted truth
+        sources per bin (``n_by_separation``), ``merged``, ``shredded``, ``n_images``,
         ``n_missing``, ``n_truth``, ``n_pred``, ``n_pred_ignored``, ``tp``,
         ``fp``, ``fn``, ``n_blended``, ``tp_blended``. Undefined ratios are NaN.
 
@@ -646,6 +685,8 @@ def summarize(per_image_results):
     class_correct = class_total = 0
     scored = False
     n_missing = 0
+    n_sep = np.zeros(len(SEPARATION_EDGES) - 1, dtype=np.int64)
+    tp_sep = np.zeros_like(n_sep)
     for i, res in enumerate(results):
         lacking = [k for k in (*_COUNT_KEYS, "iou_sum", "flux_rel_errors") if k not in res]
         if lacking:
@@ -662,6 +703,8 @@ def summarize(per_image_results):
             class_correct += int(res["class_correct"])
             class_total += int(res["class_total"])
         n_missing += bool(res.get("missing", False))
+        n_sep += np.asarray(res.get("n_by_separation", 0), dtype=np.int64)
+        tp_sep += np.asarray(res.get("tp_by_separation", 0), dtype=np.int64)
     tp, fp, fn = totals["tp"], totals["fp"], totals["fn"]
     flux = np.asarray(flux, dtype=float)
     summary = {
@@ -680,6 +723,8 @@ def summarize(per_image_results):
         "shredded": totals["shredded"],
         "n_images": len(results),
         "n_missing": n_missing,
+        **{key: _ratio(t, n) for key, t, n in zip(_separation_keys(), tp_sep, n_sep, strict=True)},
+        "n_by_separation": [int(v) for v in n_sep],
     }
     for key in ("n_truth", "n_pred", "n_pred_ignored", "tp", "fp", "fn", "n_blended",
                 "tp_blended"):

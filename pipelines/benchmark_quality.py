@@ -59,6 +59,8 @@ def main():
     p.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
     p.add_argument("--workdir", default="runs/benchmark_quality")
     p.add_argument("--results", default=str(ROOT / "pipelines" / "results"))
+    p.add_argument("--figure", default=str(ROOT / "docs" / "recall_separation.png"),
+                   help="recall against nearest-neighbour separation, every method")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = Path(args.workdir)
@@ -106,10 +108,52 @@ def main():
               "| --- |" + " --- |" * len(args.methods)]
     for level, per in by_noise.items():
         lines.append(f"| {level} | " + " | ".join(f"{per[m]['blended_recall']:.3f}" for m in args.methods) + " |")
+    lines += separation_table(results)
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    separation_figure(results, args.figure)
     if "mask-rcnn" in args.methods:
         update_model_card(payload)
+
+
+SEPARATION_LABELS = ("< 1", "1-2", "2-3", ">= 3")
+
+
+def separation_table(results):
+    """Markdown lines: recall per bin of nearest-neighbour separation (in FWHM), one column per method."""
+    keys = [k for k in results[0]["summary"] if k.startswith("recall_nn_")]
+    counts = results[0]["summary"]["n_by_separation"]
+    lines = ["", "Recall by separation to the nearest truth neighbour (PSF FWHM; isolated sources in the last bin):",
+             "", "| separation | truth sources | " + " | ".join(r["method"] for r in results) + " |",
+             "| --- | --- |" + " --- |" * len(results)]
+    for label, key, n in zip(SEPARATION_LABELS, keys, counts, strict=True):
+        lines.append(f"| {label} | {n} | " + " | ".join(f"{r['summary'][key]:.3f}" for r in results) + " |")
+    return lines
+
+
+def separation_figure(results, path):
+    """Recall against nearest-neighbour separation, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in results[0]["summary"] if k.startswith("recall_nn_")]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for r in results:
+        ax.plot(range(len(keys)), [r["summary"][k] for k in keys], "o-", label=r["method"])
+    counts = results[0]["summary"]["n_by_separation"]
+    ax.set_xticks(range(len(keys)), [f"{lab}\n(n={n})" for lab, n in zip(SEPARATION_LABELS, counts, strict=True)])
+    ax.set_xlabel("separation to the nearest neighbour (PSF FWHM)")
+    ax.set_ylabel("recall")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log.info("wrote %s", path)
 
 
 def update_model_card(payload):

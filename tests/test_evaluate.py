@@ -236,6 +236,28 @@ def test_blended_recall_only_over_blended_truth():
     assert s["blended_recall"] == pytest.approx(0.5)
 
 
+def test_recall_by_neighbour_separation():
+    # fwhm 2 px: a pair 1.5 px apart (< 1 FWHM), a pair 3 px apart (1-2 FWHM), an isolated source
+    xy = [(5.0, 5.0), (6.5, 5.0), (20.0, 5.0), (23.0, 5.0), (12.0, 25.0)]
+    truth_labels = label_map([(i + 1, x, y, 1) for i, (x, y) in enumerate(xy)])
+    truth = truth_table(xy, snr=[50, 50, 50, 5, 50])
+    found = [0, 2, 3, 4]  # the close pair comes out as one source
+    pred_labels = label_map([(k + 1, xy[i][0], xy[i][1], 1) for k, i in enumerate(found)])
+    cat = pred_catalog([1, 2, 3, 4], [xy[i] for i in found])
+    res = evaluate_image(pred_labels, cat, truth_labels, truth, fwhm_pixels=2.0)
+    assert res["n_by_separation"] == [2, 2, 0, 1]
+    assert res["tp_by_separation"] == [1, 2, 0, 1]
+    s = summarize([res, res])
+    assert s["n_by_separation"] == [4, 4, 0, 2]
+    assert (s["recall_nn_0_1"], s["recall_nn_1_2"], s["recall_nn_3_up"]) == (0.5, 1.0, 1.0)
+    assert math.isnan(s["recall_nn_2_3"])
+    assert "recall, neighbour < 1 FWHM" in format_table({"method": "m", "summary": s})
+    # counted sources only; a faint uncounted neighbour still sets the separation
+    faint = evaluate_image(pred_labels, cat, truth_labels, truth, fwhm_pixels=2.0, min_snr=10)
+    assert faint["n_by_separation"] == [2, 1, 0, 1]
+    assert faint["tp_by_separation"] == [1, 1, 0, 1]
+
+
 def test_class_accuracy_present_and_absent():
     truth_labels, _ = three_truth()
     truth = truth_table(THREE, is_star=[True, False, True])
