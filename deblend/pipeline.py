@@ -13,7 +13,7 @@ from deblend.classical import check_options, photutils_labels, sep_labels
 from deblend.exceptions import NoSourcesWarning
 from deblend.io import Image, read_image
 from deblend.preprocess import prepare
-from deblend.refine import refine_blends
+from deblend.refine import CLAIM_THRESHOLD, refine_blends
 from deblend.result import DeblendResult
 from deblend.tiling import make_windows
 
@@ -99,13 +99,18 @@ class Deblender:
         the recalibration in the probabilistic U-Net's model card
         (``calibration.seg_err_scale``, fitted by pipelines/benchmark_refine.py
         on simulated scenes), or 1 when the card has none; 1 gives the raw spread.
+    claim_threshold : float, optional
+        Claim (probability) a pixel needs to join a member in the refined map
+        (`deblend.refine.refine_blends`). Default: the model card's
+        ``calibration.claim_threshold`` (chosen by pipelines/benchmark_refine.py
+        on simulated calibration scenes), or 0.5 when the card has none.
     """
 
     def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
                  device="cpu", weights=None, batch_size=4, window_size=256, overlap=48,
                  score_threshold=0.5, max_overlap=0.5, refine=None, n_samples=16, refine_weights=None,
-                 save_samples=False, seg_err_scale=None):
+                 save_samples=False, seg_err_scale=None, claim_threshold=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         if int(n_samples) != n_samples or n_samples < 2:
@@ -144,13 +149,23 @@ class Deblender:
             options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
                            score_threshold=score_threshold, max_overlap=max_overlap)
             self._load_model(weights)
-        self.seg_err_scale = None
+        self.seg_err_scale = self.claim_threshold = None
         if self.refine:
             self._load_refiner(refine_weights)
-            card_scale = self.refiner.deblend_card.get("calibration", {}).get("seg_err_scale", 1.0)
+            calibration = self.refiner.deblend_card.get("calibration", {})
+            card_scale = calibration.get("seg_err_scale", 1.0)
             self.seg_err_scale = float(card_scale if seg_err_scale is None else seg_err_scale)
             if not (np.isfinite(self.seg_err_scale) and self.seg_err_scale > 0):
                 raise ValueError(f"seg_err_scale must be a positive number, got {self.seg_err_scale!r}")
+            threshold = calibration.get("claim_threshold", CLAIM_THRESHOLD) if claim_threshold is None \
+                else claim_threshold
+            try:
+                self.claim_threshold = float(threshold)
+            except (TypeError, ValueError):
+                self.claim_threshold = float("nan")
+            if not 0 <= self.claim_threshold < 1:
+                raise ValueError(f"claim_threshold must be in [0, 1) (default: the model card's, or "
+                                 f"{CLAIM_THRESHOLD}), got {threshold!r}")
         self.options = options
 
     def _load_model(self, weights):
@@ -178,7 +193,7 @@ class Deblender:
         return {"method": self.method, "options": dict(self.options), "box_size": self.box_size,
                 "filter_size": self.filter_size, "seed": self.seed, "weights": self.weights_id,
                 "refine": self.refine, "n_samples": self.n_samples if self.refine else None,
-                "seg_err_scale": self.seg_err_scale}
+                "seg_err_scale": self.seg_err_scale, "claim_threshold": self.claim_threshold}
 
     def run(self, image, **read_options):
         """Deblend one image.
@@ -218,7 +233,8 @@ class Deblender:
                 [prepared.detection[np.newaxis], prepared.data])
             refinement = refine_blends(normalized, labels, flux_images, model=self.refiner,
                                        mask=prepared.mask, n_samples=self.n_samples, seed=self.seed,
-                                       device=self.device, save_samples=self.save_samples)
+                                       device=self.device, save_samples=self.save_samples,
+                                       claim_threshold=self.claim_threshold)
             labels = refinement.labels
         catalog = make_catalog(prepared.data, labels, detection=prepared.detection,
                                error=prepared.background.rms, detection_error=prepared.detection_rms,

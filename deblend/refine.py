@@ -7,11 +7,14 @@ window centred on it (`CUTOUT` pixels, as in training), with the member
 marked by a heat map at its position and the other detections marked in a
 second heat map, and draws ``n_samples`` masks per member; the windows of
 all groups are batched. Per sample, each pixel goes to the member
-that claims it most (if any claims it with probability > 0.5): a joint
-assignment. The final labels come from the mean probabilities in the same
-way. Outputs: the refined label map, a per-pixel uncertainty (fraction of
-samples whose label differs from the final one), and each member's flux in
-every sample, whose spread is the segmentation-induced flux error.
+that claims it most (if any claims it with probability above
+``claim_threshold``, default 0.5): a joint assignment. The final labels come
+from the mean probabilities in the same way. The pipeline takes the threshold
+from the network's model card (``calibration.claim_threshold``: an operating
+point chosen on simulated calibration scenes by pipelines/benchmark_refine.py).
+Outputs: the refined label map, a per-pixel uncertainty (fraction of samples
+whose label differs from the final one), and each member's flux in every
+sample, whose spread is the segmentation-induced flux error.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CUTOUT", "HEATMAP_SIGMA", "heatmap", "refine_input", "source_positions", "find_blend_groups",
-           "Refinement", "refine_blends"]
+__all__ = ["CUTOUT", "HEATMAP_SIGMA", "CLAIM_THRESHOLD", "heatmap", "refine_input", "source_positions",
+           "find_blend_groups", "Refinement", "refine_blends"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 CUTOUT = 64
 #: Gaussian sigma (pixels) of the heat maps marking sources.
 HEATMAP_SIGMA = 1.5
+#: Default claim a pixel needs to be a member's (in a sample, or in the final map from the mean).
+CLAIM_THRESHOLD = 0.5
 
 
 def heatmap(shape, positions, *, sigma=HEATMAP_SIGMA):
@@ -273,7 +278,8 @@ def _run_model(model, groups, *, n_samples, seed, device, batch_size):
 
 
 def refine_blends(normalized, labels, data, *, model, positions=None, mask=None, n_samples=16, seed=0,
-                  device="cpu", pad=8, max_size=256, batch_size=32, save_samples=False):
+                  device="cpu", pad=8, max_size=256, batch_size=32, save_samples=False,
+                  claim_threshold=CLAIM_THRESHOLD):
     """Re-segment every blend group with the probabilistic U-Net.
 
     Each member is seen through its own window (`CUTOUT` pixels, centred on it, as
@@ -308,6 +314,10 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         Windows per forward pass.
     save_samples : bool, optional
         Keep the sampled label maps (``n_samples`` full-size int32 maps).
+    claim_threshold : float, optional
+        A pixel goes to the member claiming it most only if that claim (the
+        sample's probability, or the mean over samples for the final map)
+        exceeds this; in [0, 1).
 
     Returns
     -------
@@ -327,6 +337,13 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    try:
+        threshold = float(claim_threshold)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0 <= threshold < 1:
+        raise ValueError(f"claim_threshold must be a number in [0, 1) (the default is {CLAIM_THRESHOLD}), got "
+                         f"{claim_threshold!r}")
     n = int(labels.max()) if labels.size else 0
     if positions is None:
         positions = source_positions(normalized, labels)
@@ -335,7 +352,7 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         raise ValueError(f"positions has {len(positions)} rows for {n} labels")
     bad = np.zeros(labels.shape, bool) if mask is None else np.asarray(mask, bool)
     blend_id, n_blend = find_blend_groups(labels)
-    state = _State(labels, bad, data, n_samples, save_samples)
+    state = _State(labels, bad, data, n_samples, save_samples, threshold)
     n_groups = int(blend_id.max(initial=0))
     if n_groups:
         model.eval().to(device)
@@ -404,8 +421,9 @@ def _member_pixels(labels, bad, members, k, window, *, pad):
 class _State:
     """The refined maps, filled group by group."""
 
-    def __init__(self, labels, bad, data, n_samples, save_samples):
+    def __init__(self, labels, bad, data, n_samples, save_samples, claim_threshold):
         n = int(labels.max()) if labels.size else 0
+        self.claim_threshold = claim_threshold
         self.labels, self.bad, self.data, self.n_samples = labels, bad, data, n_samples
         self.out = labels.copy()
         self.uncertainty = np.zeros(labels.shape, np.float32)
@@ -439,8 +457,8 @@ class _State:
             wins = m > best_mean[sl]
             best_mean[sl][wins] = m[wins]
             final[sl][wins] = k
-        owner[best <= 0.5] = 0
-        final[best_mean <= 0.5] = 0
+        owner[best <= self.claim_threshold] = 0
+        final[best_mean <= self.claim_threshold] = 0
         if not np.isin(members, final).all():  # never lose a source: keep the detector's masks
             log.debug("blend group %d: the U-Net gives a member no pixel; its detector masks are kept", group.gid)
             return

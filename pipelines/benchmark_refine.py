@@ -9,12 +9,18 @@
    pipelines/benchmark_quality.py) through Mask R-CNN alone, Mask R-CNN + probabilistic
    U-Net, and Mask R-CNN + deterministic U-Net; deblend.evaluate metrics, with the mean
    IoU and median relative flux error of blended sources, and wall time.
-3. Calibration: over matched blended sources, the fraction whose reference flux lies
-   within +-1 sigma of the measured segment_flux, sigma = the noise error alone
-   (segment_flux_err) or noise and segmentation errors in quadrature
-   (segment_flux_err_total); and a reliability plot over k sigma. The samples' raw
-   flux spread is recalibrated first: on separate calibration scenes (seed 2100, never
-   used for training or for the results), the smallest factor on the spread that puts
+3. Calibration: first the claim threshold of each U-Net (the probability a pixel needs to
+   join a member, `deblend.refine.refine_blends`): on separate calibration scenes (seed
+   2100) the pipeline runs with thresholds 0.3-0.5, and the one with the lowest median
+   relative flux error of blended sources is chosen among those whose mean IoU of blended
+   sources is within 0.01 of the 0.5 threshold's; it goes into each model card
+   (``calibration.claim_threshold``, which deblend applies). Then, over matched blended
+   sources, the fraction whose reference flux lies within +-1 sigma of the measured
+   segment_flux, sigma = the noise error alone (segment_flux_err) or noise and
+   segmentation errors in quadrature (segment_flux_err_total); and a reliability plot
+   over k sigma. The samples' raw flux spread is recalibrated first, at the chosen
+   threshold: on the same calibration scenes (never used for training or for the
+   results), the smallest factor on the spread that puts
    68.3% of the refined sources (those with a segmentation error) within 1 sigma is
    fitted and written into the model card
    (``calibration.seg_err_scale``, which deblend applies); the results give the
@@ -150,20 +156,50 @@ def fit_seg_err_scale(pairs, *, target=ONE_SIGMA, max_scale=30.0):
     return float(round(grid[-1], 2)), False
 
 
-def calibrate(work, weights, n, seed, shape):
-    """Fit the seg_err_scale on ``n`` calibration scenes of ``seed`` (raw spreads: scale 1)."""
+CLAIM_GRID = (0.3, 0.35, 0.4, 0.45, 0.5)
+IOU_TOLERANCE = 0.01
+
+
+def choose_claim_threshold(work, truth, weights, name):
+    """Run the calibration scenes at each threshold of `CLAIM_GRID` (raw spreads) and choose one.
+
+    The choice: the lowest median |dflux|/flux of matched blended sources among the thresholds
+    whose mean IoU of blended sources is at least the 0.5 threshold's minus `IOU_TOLERANCE`.
+    Returns the threshold, the per-threshold metrics and the chosen run's output directory.
+    """
+    dirs = {}
+    for t in CLAIM_GRID:
+        out = work / f"calib_{name}_{t:g}"
+        deblender = Deblender("mask-rcnn", refine_weights=weights, seg_err_scale=1.0, claim_threshold=t)
+        summary = run_batch([truth], out, deblender, progress=False)
+        if summary.failed:
+            raise RuntimeError(f"calibration run failed on {len(summary.failed)} scenes: {summary.failed[0].error}")
+        dirs[t] = out
+    summaries = compare_methods(list(dirs.values()), truth)
+    table = {f"{t:g}": {"mean_iou_blended": r["summary"]["mean_iou_blended"],
+                        "median_abs_flux_error_blended": r["summary"]["median_abs_flux_error_blended"]}
+             for t, r in zip(dirs, summaries, strict=True)}
+    floor = table[f"{CLAIM_GRID[-1]:g}"]["mean_iou_blended"] - IOU_TOLERANCE
+    eligible = [t for t in CLAIM_GRID if table[f"{t:g}"]["mean_iou_blended"] >= floor]
+    chosen = min(eligible, key=lambda t: table[f"{t:g}"]["median_abs_flux_error_blended"])
+    log.info("%s: claim threshold %g (%s)", name, chosen, table)
+    return chosen, table, dirs[chosen]
+
+
+def calibrate(work, weights, n, seed, shape, name="prob_unet"):
+    """Choose the claim threshold, then fit the seg_err_scale, on ``n`` calibration scenes of ``seed``."""
     truth = work / "calib_truth"
-    make_scenes(truth, n, seed, shape)
-    out = work / "calib_prob_unet"
-    summary = run_batch([truth], out, Deblender("mask-rcnn", refine_weights=weights, seg_err_scale=1.0),
-                        progress=False)
-    if summary.failed:
-        raise RuntimeError(f"calibration run failed on {len(summary.failed)} scenes: {summary.failed[0].error}")
+    if not truth.exists():
+        make_scenes(truth, n, seed, shape)
+    threshold, by_threshold, out = choose_claim_threshold(work, truth, weights, name)
     pairs = calibration_pairs(out, truth, sorted(f"bench_{i:04d}" for i in range(n)), seed, shape)
     scale, reached = fit_seg_err_scale(pairs)
     if not reached:
         log.warning("1-sigma coverage of 68.3%% not reached with seg_err_scale up to %s", scale)
-    cal = {"seg_err_scale": scale, "target_reached": reached, "n_scenes": n, "seed": seed,
+    cal = {"claim_threshold": threshold, "claim_threshold_grid": by_threshold,
+           "claim_threshold_rule": f"lowest median |dflux|/flux of matched blended sources among the thresholds "
+                                   f"whose mean IoU of blended sources is within {IOU_TOLERANCE} of threshold 0.5's",
+           "seg_err_scale": scale, "target_reached": reached, "n_scenes": n, "seed": seed,
            "n_sources": int(len(pairs)), "raw": coverage(pairs),
            "n_refined_sources": int((pairs[:, 2] > 0).sum()),
            "method": "smallest factor on the samples' flux spread putting 68.3% of matched blended sources "
@@ -232,19 +268,28 @@ def main():
         shutil.rmtree(work)
     calibration = calibrate(work, args.prob_weights, args.calib_n, args.calib_seed, shape)
     results["recalibration"] = {k: v for k, v in calibration.items() if k != "raw"}
-    scale = calibration["seg_err_scale"]
+    scale, threshold = calibration["seg_err_scale"], calibration["claim_threshold"]
+    det_threshold, det_grid, _ = choose_claim_threshold(work, work / "calib_truth", args.det_weights, "det_unet")
+    results["det_claim_threshold"] = {"claim_threshold": det_threshold, "claim_threshold_grid": det_grid}
     card_path = weights_path(args.prob_weights).with_suffix(".json")
     if not args.no_card:
         card = json.loads(card_path.read_text())
         card["calibration"] = {k: v for k, v in calibration.items() if k != "raw"}
         card_path.write_text(json.dumps(card, indent=2) + "\n")
+        det_card_path = weights_path(args.det_weights).with_suffix(".json")
+        det_card = json.loads(det_card_path.read_text())
+        det_card["calibration"] = {**results["det_claim_threshold"], "n_scenes": args.calib_n,
+                                   "seed": args.calib_seed, "rule": calibration["claim_threshold_rule"],
+                                   "source": "pipelines/benchmark_refine.py"}
+        det_card_path.write_text(json.dumps(det_card, indent=2) + "\n")
     truth = work / "truth"
     make_scenes(truth, args.n, args.seed, shape)
     names = sorted(f"bench_{i:04d}" for i in range(args.n))
     variants = {
         "mask-rcnn": {"refine": False},
-        "mask-rcnn+prob-unet": {"refine": True, "refine_weights": args.prob_weights, "seg_err_scale": scale},
-        "mask-rcnn+det-unet": {"refine": True, "refine_weights": args.det_weights},
+        "mask-rcnn+prob-unet": {"refine": True, "refine_weights": args.prob_weights, "seg_err_scale": scale,
+                                "claim_threshold": threshold},
+        "mask-rcnn+det-unet": {"refine": True, "refine_weights": args.det_weights, "claim_threshold": det_threshold},
     }
     timings, dirs = {}, []
     for name, options in variants.items():
@@ -296,6 +341,16 @@ def markdown(r, table):
     for name in ("prob_unet", "deterministic_unet"):
         lines.append(f"| {name} | {g[name]['ged_mean']:.3f} ± {g[name]['ged_sem']:.3f} | "
                      f"{g[name]['iou_mean_mask']:.3f} |")
+    dg = r["det_claim_threshold"]
+    lines += ["", f"**Claim threshold** (chosen on {rc['n_scenes']} calibration scenes, seed {rc['seed']}: "
+              f"{rc['claim_threshold_rule']}):", "",
+              "| threshold | prob U-Net: mean IoU, blended | median abs(dflux)/flux, blended | "
+              "det. U-Net: mean IoU, blended | median abs(dflux)/flux, blended |", "|---|---|---|---|---|"]
+    for t, m in rc["claim_threshold_grid"].items():
+        d = dg["claim_threshold_grid"][t]
+        lines.append(f"| {t} | {m['mean_iou_blended']:.3f} | {m['median_abs_flux_error_blended']:.3f} | "
+                     f"{d['mean_iou_blended']:.3f} | {d['median_abs_flux_error_blended']:.3f} |")
+    lines += ["", f"Chosen: {rc['claim_threshold']:g} (probabilistic), {dg['claim_threshold']:g} (deterministic).", ""]
     lines += ["", "**Pipeline** (deblend.evaluate on the quality-benchmark scenes):", "",
               "| variant | recall | precision | blended recall | mean IoU | mean IoU, blended | "
               "median abs(dflux)/flux, blended | time (s) |", "|---|---|---|---|---|---|---|---|"]

@@ -280,3 +280,24 @@ def test_seg_err_scale_from_model_card_or_argument(scene, tiny_refiner, tmp_path
     np.testing.assert_allclose(b["segment_flux_seg_err"], 3 * a["segment_flux_seg_err"])
     with pytest.raises(ValueError, match="seg_err_scale"):
         Deblender("sep", refine=True, refine_weights=tiny_refiner, seg_err_scale=0)
+
+
+def test_claim_threshold_from_model_card_or_argument(scene, tiny_refiner, tmp_path):
+    import shutil
+
+    weights = tmp_path / "calibrated.pt"
+    shutil.copy(tiny_refiner, weights)
+    weights.with_suffix(".json").write_text(json.dumps({"calibration": {"claim_threshold": 0.2}}))
+    default = Deblender("sep", refine=True, refine_weights=tiny_refiner, n_samples=4)
+    card = Deblender("sep", refine=True, refine_weights=weights, n_samples=4)
+    assert default.claim_threshold == 0.5 and card.claim_threshold == 0.2
+    assert card.config()["claim_threshold"] == 0.2
+    explicit = Deblender("sep", refine=True, refine_weights=weights, n_samples=4, claim_threshold=0.5)
+    assert explicit.claim_threshold == 0.5
+    assert Deblender("sep").claim_threshold is None  # no refinement
+    # a lower threshold never gives a refined source fewer pixels in total
+    a, b = default.run(scene), card.run(scene)
+    assert (b.labels > 0).sum() >= (a.labels > 0).sum()
+    for bad in (1.0, "high"):
+        with pytest.raises(ValueError, match="claim_threshold"):
+            Deblender("sep", refine=True, refine_weights=tiny_refiner, claim_threshold=bad)

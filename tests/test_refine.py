@@ -119,6 +119,21 @@ def test_refine_joint_assignment_with_known_samples():
     assert r.uncertainty.max() > 0  # the growing discs disagree at their edges
 
 
+def test_claim_threshold_sets_how_far_a_member_reaches():
+    labels, pos = two_blobs()
+    data = np.ones((1, *labels.shape), np.float32)
+    model = DiscModel(radii=[3.0])  # claim 1.5 - r / 3: above t out to r = 3 * (1.5 - t)
+    areas = {}
+    for t in (0.2, 0.5, 0.8):
+        r = refine_blends(np.zeros(labels.shape), labels, data, model=model, positions=pos, n_samples=2,
+                          claim_threshold=t)
+        ys, xs = np.nonzero(r.labels == 1)
+        assert np.hypot(ys - pos[0, 1], xs - pos[0, 0]).max() < 3 * (1.5 - t)
+        areas[t] = ys.size
+        assert r.flux_samples[0, 0, 0] == areas[t]  # the samples use the same threshold
+    assert areas[0.2] > areas[0.5] > areas[0.8]
+
+
 def test_refine_never_assigns_masked_or_foreign_pixels():
     labels, pos = two_blobs()
     labels[40, 50:60] = 4  # a third source inside the group's cutout, not touching it
@@ -179,6 +194,10 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="positions"):
         refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([1.0]),
                       positions=np.zeros((1, 2)))
+    for bad in (1.0, -0.1, float("nan"), "half"):
+        with pytest.raises(ValueError, match="claim_threshold"):
+            refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([1.0]),
+                          claim_threshold=bad)
 
 
 class FirstClaimsAllModel(DiscModel):
