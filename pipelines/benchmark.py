@@ -430,10 +430,12 @@ def time_mask_rcnn(path, deblender, outdir, refine=None, trim=True):
         with stage(stages, "refine", dev):
             flux_images = prepared.data if prepared.data.shape[0] == 1 else np.concatenate(
                 [prepared.detection[np.newaxis], prepared.data])
+            threshold = getattr(deblender, "claim_threshold", None)
             refinement = refine["module"].refine_blends(
                 normalized, labels, flux_images, model=deblender.refiner, mask=prepared.mask,
                 n_samples=deblender.n_samples, seed=deblender.seed, device=dev,
-                save_samples=getattr(deblender, "save_samples", False))
+                save_samples=getattr(deblender, "save_samples", False),
+                **({} if threshold is None else {"claim_threshold": threshold}))
             labels = refinement.labels
     with stage(stages, "catalog", dev):
         catalog = make_catalog(prepared.data, labels, detection=prepared.detection, error=prepared.background.rms,
@@ -447,7 +449,9 @@ def time_mask_rcnn(path, deblender, outdir, refine=None, trim=True):
         if refinement is not None:
             from deblend.catalog import add_blend_columns
 
-            add_blend_columns(catalog, refinement, band_names=image.band_names)
+            scale = getattr(deblender, "seg_err_scale", None)
+            add_blend_columns(catalog, refinement, band_names=image.band_names,
+                              **({} if scale is None else {"seg_err_scale": scale}))
             extensions["UNCERTAINTY"] = refinement.uncertainty
             if getattr(refinement, "samples", None) is not None:
                 extensions["SAMPLES"] = refinement.samples
