@@ -350,7 +350,7 @@ def markdown(r, table):
         d = dg["claim_threshold_grid"][t]
         lines.append(f"| {t} | {m['mean_iou_blended']:.3f} | {m['median_abs_flux_error_blended']:.3f} | "
                      f"{d['mean_iou_blended']:.3f} | {d['median_abs_flux_error_blended']:.3f} |")
-    lines += ["", f"Chosen: {rc['claim_threshold']:g} (probabilistic), {dg['claim_threshold']:g} (deterministic).", ""]
+    lines += ["", f"Chosen: {rc['claim_threshold']:g} (probabilistic), {dg['claim_threshold']:g} (deterministic)."]
     lines += ["", "**Pipeline** (deblend.evaluate on the quality-benchmark scenes):", "",
               "| variant | recall | precision | blended recall | mean IoU | mean IoU, blended | "
               "median abs(dflux)/flux, blended | time (s) |", "|---|---|---|---|---|---|---|---|"]
