@@ -265,12 +265,18 @@ def test_refinement_per_band_columns(make_scene, tiny_refiner):
         assert f"segment_flux_err_total_{band}" in result.catalog.colnames
 
 
-def test_seg_err_scale_from_model_card_or_argument(scene, tiny_refiner, tmp_path):
+def _calibrated_copy(weights, tmp_path, calibration):
+    """A copy of the weights file whose model card holds ``calibration``."""
     import shutil
 
-    weights = tmp_path / "calibrated.pt"
-    shutil.copy(tiny_refiner, weights)
-    weights.with_suffix(".json").write_text(json.dumps({"calibration": {"seg_err_scale": 3.0}}))
+    copy = tmp_path / "calibrated.pt"
+    shutil.copy(weights, copy)
+    copy.with_suffix(".json").write_text(json.dumps({"calibration": calibration}))
+    return copy
+
+
+def test_seg_err_scale_from_model_card_or_argument(scene, tiny_refiner, tmp_path):
+    weights = _calibrated_copy(tiny_refiner, tmp_path, {"seg_err_scale": 3.0})
     raw = Deblender("sep", refine=True, refine_weights=tiny_refiner, n_samples=4)
     scaled = Deblender("sep", refine=True, refine_weights=weights, n_samples=4)
     assert raw.seg_err_scale == 1.0 and scaled.seg_err_scale == 3.0
@@ -283,11 +289,7 @@ def test_seg_err_scale_from_model_card_or_argument(scene, tiny_refiner, tmp_path
 
 
 def test_claim_threshold_from_model_card_or_argument(scene, tiny_refiner, tmp_path):
-    import shutil
-
-    weights = tmp_path / "calibrated.pt"
-    shutil.copy(tiny_refiner, weights)
-    weights.with_suffix(".json").write_text(json.dumps({"calibration": {"claim_threshold": 0.2}}))
+    weights = _calibrated_copy(tiny_refiner, tmp_path, {"claim_threshold": 0.2})
     default = Deblender("sep", refine=True, refine_weights=tiny_refiner, n_samples=4)
     card = Deblender("sep", refine=True, refine_weights=weights, n_samples=4)
     assert default.claim_threshold == 0.5 and card.claim_threshold == 0.2
