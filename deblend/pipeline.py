@@ -13,7 +13,7 @@ from deblend.classical import check_options, photutils_labels, sep_labels
 from deblend.exceptions import NoSourcesWarning
 from deblend.io import Image, read_image
 from deblend.preprocess import prepare
-from deblend.refine import CLAIM_THRESHOLD, refine_blends
+from deblend.refine import CLAIM_THRESHOLD, check_claim_threshold, refine_blends
 from deblend.result import DeblendResult
 from deblend.tiling import make_windows
 
@@ -157,15 +157,8 @@ class Deblender:
             self.seg_err_scale = float(card_scale if seg_err_scale is None else seg_err_scale)
             if not (np.isfinite(self.seg_err_scale) and self.seg_err_scale > 0):
                 raise ValueError(f"seg_err_scale must be a positive number, got {self.seg_err_scale!r}")
-            threshold = calibration.get("claim_threshold", CLAIM_THRESHOLD) if claim_threshold is None \
-                else claim_threshold
-            try:
-                self.claim_threshold = float(threshold)
-            except (TypeError, ValueError):
-                self.claim_threshold = float("nan")
-            if not 0 <= self.claim_threshold < 1:
-                raise ValueError(f"claim_threshold must be in [0, 1) (default: the model card's, or "
-                                 f"{CLAIM_THRESHOLD}), got {threshold!r}")
+            self.claim_threshold = check_claim_threshold(
+                calibration.get("claim_threshold", CLAIM_THRESHOLD) if claim_threshold is None else claim_threshold)
         self.options = options
 
     def _load_model(self, weights):

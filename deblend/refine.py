@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CUTOUT", "HEATMAP_SIGMA", "CLAIM_THRESHOLD", "heatmap", "refine_input", "source_positions",
-           "find_blend_groups", "Refinement", "refine_blends"]
+__all__ = ["CUTOUT", "HEATMAP_SIGMA", "CLAIM_THRESHOLD", "check_claim_threshold", "heatmap", "refine_input",
+           "source_positions", "find_blend_groups", "Refinement", "refine_blends"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,18 @@ CUTOUT = 64
 HEATMAP_SIGMA = 1.5
 #: Default claim a pixel needs to be a member's (in a sample, or in the final map from the mean).
 CLAIM_THRESHOLD = 0.5
+
+
+def check_claim_threshold(value):
+    """Return ``value`` as a float in [0, 1), or raise ValueError naming ``claim_threshold``."""
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0 <= threshold < 1:
+        raise ValueError(f"claim_threshold must be a number in [0, 1) (the default is {CLAIM_THRESHOLD}, or the "
+                         f"model card's calibration.claim_threshold), got {value!r}")
+    return threshold
 
 
 def heatmap(shape, positions, *, sigma=HEATMAP_SIGMA):
@@ -337,13 +349,7 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    try:
-        threshold = float(claim_threshold)
-    except (TypeError, ValueError):
-        threshold = float("nan")
-    if not 0 <= threshold < 1:
-        raise ValueError(f"claim_threshold must be a number in [0, 1) (the default is {CLAIM_THRESHOLD}), got "
-                         f"{claim_threshold!r}")
+    threshold = check_claim_threshold(claim_threshold)
     n = int(labels.max()) if labels.size else 0
     if positions is None:
         positions = source_positions(normalized, labels)
