@@ -35,11 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.ops import boxes as box_ops
 from tqdm.auto import tqdm
 
-from deblend.models.mask_rcnn import CLASS_NAMES
+from deblend.models.mask_rcnn import CLASS_NAMES, paste_mask_crops
 from deblend.tiling import has_signal, iter_batches, make_windows
 
 __all__ = ["Instances", "detect", "suppress_duplicates", "instances_to_labels"]
@@ -183,34 +182,6 @@ def _postprocess_detections(roi_heads, class_logits, box_regression, proposals, 
     return out
 
 
-def _paste_crops(mask_probs, boxes, window_shape):
-    """Resize each (1, M, M) box-relative mask into its box, cropped to the window.
-
-    The same values as torchvision's ``paste_masks_in_image`` (and
-    `deblend.models.mask_rcnn`'s pasting): pad the mask by one pixel, grow the
-    box to match, resize bilinearly; but only the grown box is produced, never
-    a full window per detection. Returns ``(crop, y0, x0)`` tuples, ``crop`` a
-    float32 torch tensor (empty when the box misses the window).
-    """
-    height, width = window_shape
-    if len(boxes) == 0:
-        return []
-    padded, scale = expand_masks(mask_probs, padding=1)
-    grown = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
-    crops = []
-    for index, (x0, y0, x1, y1) in enumerate(grown):
-        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
-        xa, xb = max(x0, 0), min(x1 + 1, width)
-        ya, yb = max(y0, 0), min(y1 + 1, height)
-        if xa >= xb or ya >= yb:
-            crops.append((padded.new_zeros((0, 0)), max(ya, 0), max(xa, 0)))
-            continue
-        resized = F.interpolate(padded[index : index + 1], size=(h, w), mode="bilinear",
-                                align_corners=False)
-        crops.append((resized[0, 0, ya - y0 : yb - y0, xa - x0 : xb - x0], ya, xa))
-    return crops
-
-
 # Region counts are rounded up to a multiple of this before the box and mask heads (zero rows, dropped
 # after). CPU backends keep per-shape state (oneDNN kernels, allocator blocks of that size) for every
 # distinct batch size they see, and the number of proposals and detections differs from tile to tile,
@@ -233,8 +204,8 @@ def _may_be_owned(boxes, core):
 
     `detect` keeps a detection from the window whose core holds its
     mask-weighted centre. That centre lies in the mask's crop: the box grown
-    by one mask pixel on each side (4 % of its size, `_paste_crops`) and
-    rounded to whole pixels. A box that misses the core by more than a quarter
+    by half a mask cell on each side (2 % of its size, `paste_mask_crops`) and
+    rounded out to whole pixels. A box that misses the core by more than a quarter
     of its size plus two pixels can therefore never be kept, and its mask
     need not be computed. ``core`` is ``(cy0, cx0, cy1, cx1)``, window pixels.
     """
@@ -249,7 +220,7 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None):
 
     The eval path of ``GeneralizedRCNN.forward`` and ``RoIHeads.forward``, with
     `_postprocess_detections` in place of torchvision's and masks pasted into
-    crops (`_paste_crops`) rather than full windows. With ``cores`` (one
+    crops (`paste_mask_crops`) rather than full windows. With ``cores`` (one
     ``(cy0, cx0, cy1, cx1)`` per image, window pixels), detections that no
     core could own (`_may_be_owned`) are dropped before the mask head.
     """
@@ -291,7 +262,7 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None):
     for result, (_, lab, cls, det), probs, size in zip(results, per_image, mask_probs, sizes,
                                                        strict=True):
         boxes = result["boxes"]
-        crops = [] if probs is None else _paste_crops(probs, boxes, size)
+        crops = [] if probs is None else paste_mask_crops(probs, boxes, size)
         out.append(_to_numpy(boxes, lab, cls, det, crops))
     return out
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from deblend.models import (
     CLASS_NAMES,
@@ -15,7 +15,8 @@ from deblend.models import (
     model_config,
     save_weights,
 )
-from deblend.models.mask_rcnn import _paste_masks
+from deblend.models.mask_rcnn import _paste_masks, paste_mask_crops
+from deblend.training import _instances
 
 torch.set_num_threads(2)
 
@@ -215,14 +216,33 @@ def test_resnet18_backbone_runs():
     assert out["masks"].shape[-2:] == (64, 64)
 
 
-def test_paste_masks_matches_torchvision():
-    g = torch.Generator().manual_seed(3)
-    masks = torch.rand(40, 1, 28, 28, generator=g)
-    xy = torch.rand(40, 2, generator=g) * 50
-    boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 20 + 0.5], dim=1).clamp(max=59)
-    assert torch.equal(
-        _paste_masks(masks, boxes, (64, 60)), paste_masks_in_image(masks, boxes, (64, 60))
-    )
+@pytest.mark.parametrize(("cx", "cy", "a", "b"), [(20.3, 17.8, 6.0, 4.0), (9.6, 30.2, 1.6, 1.3),
+                                             (40.0, 25.5, 12.0, 7.5)])
+def test_paste_masks_inverts_the_training_targets(cx, cy, a, b):
+    # A footprint -> its box as deblend.training makes it -> the M x M target torchvision's
+    # loss is computed against -> pasted back: the same pixels, not moved.
+    y, x = np.mgrid[:48, :60]
+    footprint = ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1
+    boxes, _, masks = _instances(footprint.astype(np.int32), np.array([2]))
+    boxes = torch.from_numpy(boxes)
+    target = project_masks_on_boxes(torch.from_numpy(masks), boxes, torch.tensor([0]), 28)
+    pasted = _paste_masks(target[:, None], boxes, footprint.shape)[0, 0].numpy()
+    assert pasted[~footprint].max() < 0.9 and pasted[footprint].min() > 0.1
+    back = pasted >= 0.5
+    assert (back & footprint).sum() / (back | footprint).sum() > 0.9
+    for axis_coords in (x, y):  # centroids agree to a small fraction of a pixel
+        assert abs(axis_coords[back].mean() - axis_coords[footprint].mean()) < 0.1
+
+
+def test_paste_mask_crops_cover_the_box_and_stop_at_the_window():
+    masks = torch.ones(3, 1, 28, 28)
+    boxes = torch.tensor([[10.5, 5.0, 20.0, 9.0], [-8.0, -4.0, 3.0, 2.0], [70.0, 10.0, 80.0, 20.0]])
+    (crop, y0, x0), (edge, ey0, ex0), (outside, _, _) = paste_mask_crops(masks, boxes, (48, 60))
+    assert (y0, x0) == (5, 10) and crop.shape == (5, 11)  # the box's pixels and one beyond
+    assert torch.all(crop[:, 1:] == 1.0)  # pixels inside the box read whole cells
+    assert torch.allclose(crop[:, 0], torch.tensor(0.5))  # half a pixel beyond it: half
+    assert (ey0, ex0) == (0, 0) and edge.shape == (3, 4)
+    assert outside.numel() == 0
     assert _paste_masks(masks[:0], boxes[:0], (64, 60)).shape == (0, 1, 64, 60)
 
 

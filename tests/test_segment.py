@@ -8,8 +8,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from deblend.models.mask_rcnn import _paste_masks, build_mask_rcnn
-from deblend.segment import ROI_BUCKET, Instances, _bucketed, _paste_crops, detect, instances_to_labels
+from deblend.models.mask_rcnn import _paste_masks, build_mask_rcnn, paste_mask_crops
+from deblend.segment import ROI_BUCKET, Instances, _bucketed, detect, instances_to_labels
 from deblend.tiling import make_windows
 
 
@@ -375,7 +375,7 @@ def test_paste_crops_matches_full_paste():
                           [1.0, 2.0, 63.0, 47.0]])
     shape = (48, 64)
     full = _paste_masks(probs, boxes, shape)[:, 0]
-    crops = _paste_crops(probs, boxes, shape)
+    crops = paste_mask_crops(probs, boxes, shape)
     for i, (crop, y0, x0) in enumerate(crops):
         h, w = crop.shape
         assert torch.equal(full[i, y0 : y0 + h, x0 : x0 + w], crop)
