@@ -204,8 +204,8 @@ def _may_be_owned(boxes, core):
 
     `detect` keeps a detection from the window whose core holds its
     mask-weighted centre. That centre lies in the mask's crop: the box grown
-    by half a mask cell on each side (2 % of its size, `paste_mask_crops`) and
-    rounded out to whole pixels. A box that misses the core by more than a quarter
+    by one pixel on each side and rounded out to whole pixels
+    (`paste_mask_crops`). A box that misses the core by more than a quarter
     of its size plus two pixels can therefore never be kept, and its mask
     need not be computed. ``core`` is ``(cy0, cx0, cy1, cx1)``, window pixels.
     """
