@@ -124,6 +124,9 @@ def _add_evaluate(sub):
     p.add_argument("--truth", required=True, metavar="DIR", help="directory of simulated scenes and truth")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--min-snr", type=float, default=0.0, help="ignore truth sources below this S/N")
+    p.add_argument("--flux-column", default="segment_flux", metavar="NAME",
+                   help="catalog flux column to score against the true fluxes (default segment_flux; "
+                        "kron_flux for total fluxes)")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -215,7 +218,7 @@ def _cmd_simulate(args):
 def _cmd_evaluate(args):
     from deblend.evaluate import compare_methods, format_table, write_json
 
-    results = compare_methods(args.pred, args.truth, min_snr=args.min_snr)
+    results = compare_methods(args.pred, args.truth, min_snr=args.min_snr, flux_column=args.flux_column)
     print(format_table(results))
     if args.json:
         write_json(results, args.json)

@@ -38,7 +38,9 @@ mean IoU
     footprint (``truth_labels == id``).
 median abs(Δflux)/flux
     Median over true positives of ``|segment_flux - flux| / flux`` (truth
-    flux > 0 and both fluxes finite).
+    flux > 0 and both fluxes finite). ``flux_column`` scores another flux
+    column of the catalog instead, e.g. ``kron_flux`` (a total-flux estimate;
+    the segment flux misses the light outside the segment).
 star/galaxy accuracy
     Fraction of true positives whose predicted ``class`` ('star' or
     'galaxy') agrees with the truth ``is_star``; only when the prediction
@@ -407,7 +409,7 @@ def _pixel_values(labels, x, y):
     return out
 
 
-def _pred_arrays(pred_labels, pred_catalog):
+def _pred_arrays(pred_labels, pred_catalog, flux_column="segment_flux"):
     """Predicted sources: labels, centroids, fluxes, classes and areas.
 
     Sources are the catalog rows, followed by any label of the map that has
@@ -428,7 +430,7 @@ def _pred_arrays(pred_labels, pred_catalog):
                 return _float_column(pred_catalog, name)
             return np.full(n_rows, np.nan)
 
-        x, y, flux = column("x_centroid"), column("y_centroid"), column("segment_flux")
+        x, y, flux = column("x_centroid"), column("y_centroid"), column(flux_column)
         cls = _str_column(pred_catalog, "class") if "class" in names else None
     else:
         labels = np.empty(0, np.int64)
@@ -496,7 +498,7 @@ def _intersections(pred_labels, truth_labels, pred_q, truth_q, base):
 
 
 def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm_pixels,
-                   min_snr=0.0):
+                   min_snr=0.0, flux_column="segment_flux"):
     """Match one image's predictions to its truth and count what aggregates.
 
     Parameters
@@ -505,7 +507,8 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
         Predicted segmentation map, 0 = background.
     pred_catalog : astropy.table.Table, dict of arrays, or None
         Predicted catalog with ``label`` and, optionally, ``x_centroid``,
-        ``y_centroid``, ``segment_flux`` and ``class`` ('star'/'galaxy').
+        ``y_centroid``, ``segment_flux`` (or ``flux_column``) and ``class``
+        ('star'/'galaxy').
         Missing or non-finite centroids are computed from ``pred_labels``;
         labels of the map without a catalog row are added the same way.
         None: every source and centroid comes from the map.
@@ -519,6 +522,9 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
     min_snr : float, optional
         Only truth rows with ``snr >= min_snr`` are counted (default 0: all
         rows, and ``snr`` is not needed). Matching still uses every row.
+    flux_column : str, optional
+        Catalog column whose flux is compared with the truth ``flux``
+        (default ``segment_flux``; NaN, i.e. not scored, when absent).
 
     Returns
     -------
@@ -556,7 +562,7 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
     if math.isnan(min_snr):
         raise ValueError("min_snr must be a number, got nan; use 0 to count every truth source")
 
-    pred = _pred_arrays(pred_labels, pred_catalog)
+    pred = _pred_arrays(pred_labels, pred_catalog, flux_column)
     truth = _truth_arrays(truth_table, need_snr=min_snr > 0)
     n_pred = pred["label"].size
     counted = truth["snr"] >= min_snr if min_snr > 0 else np.ones(truth["id"].size, dtype=bool)
@@ -814,7 +820,8 @@ def _method_name(methods, pred_dir):
     return methods[0]
 
 
-def _evaluate_dirs(pred_dirs, truth_dir, *, min_snr=0.0, catalog_format=None, fwhm_pixels=None):
+def _evaluate_dirs(pred_dirs, truth_dir, *, min_snr=0.0, catalog_format=None, fwhm_pixels=None,
+                   flux_column="segment_flux"):
     """Evaluate several prediction directories against one truth directory, reading truth once."""
     pred_dirs = [Path(p) for p in pred_dirs]
     for p in pred_dirs:
@@ -856,8 +863,12 @@ def _evaluate_dirs(pred_dirs, truth_dir, *, min_snr=0.0, catalog_format=None, fw
                 catalog = None
             else:
                 catalog = dbio.read_catalog(cat_path)
+                if flux_column not in catalog.colnames:
+                    raise InputError(cat_path, f"has no column {flux_column!r} to score fluxes "
+                                     f"(its columns: {catalog.colnames}); choose flux_column "
+                                     "(--flux-column) among them, e.g. 'segment_flux'")
             res = evaluate_image(pred_labels, catalog, truth_labels, truth_table,
-                                 fwhm_pixels=fwhm, min_snr=min_snr)
+                                 fwhm_pixels=fwhm, min_snr=min_snr, flux_column=flux_column)
             per_image[k].append({"name": name, "missing": False, **res})
     results = []
     for k, pred_dir in enumerate(pred_dirs):
@@ -871,6 +882,7 @@ def _evaluate_dirs(pred_dirs, truth_dir, *, min_snr=0.0, catalog_format=None, fw
             "pred_dir": str(pred_dir),
             "truth_dir": str(truth_dir),
             "min_snr": float(min_snr),
+            "flux_column": flux_column,
             "missing": missing[k],
             "summary": summary,
             "per_image": per_image[k],
@@ -879,7 +891,7 @@ def _evaluate_dirs(pred_dirs, truth_dir, *, min_snr=0.0, catalog_format=None, fw
 
 
 def evaluate_directory(pred_dir, truth_dir, *, min_snr=0.0, catalog_format=None,
-                       fwhm_pixels=None):
+                       fwhm_pixels=None, flux_column="segment_flux"):
     """Evaluate one directory of predictions against a directory of simulated truth.
 
     Parameters
@@ -898,12 +910,15 @@ def evaluate_directory(pred_dir, truth_dir, *, min_snr=0.0, catalog_format=None,
     fwhm_pixels : float, optional
         Match radius in pixels for every scene, instead of the headers'
         ``PSF_FWHM / PIXSCALE``.
+    flux_column : str, optional
+        Catalog column whose flux errors are scored (default
+        ``segment_flux``; ``kron_flux`` for total fluxes).
 
     Returns
     -------
     dict
         ``method`` (``DBMETHOD`` of the predicted maps, else the directory
-        name), ``pred_dir``, ``truth_dir``, ``min_snr``, ``missing`` (scene
+        name), ``pred_dir``, ``truth_dir``, ``min_snr``, ``flux_column``, ``missing`` (scene
         names without a predicted map; their sources count as false
         negatives), ``summary`` (see `summarize`) and ``per_image`` (the
         `evaluate_image` result of each scene with its ``name`` and
@@ -920,7 +935,7 @@ def evaluate_directory(pred_dir, truth_dir, *, min_snr=0.0, catalog_format=None,
         If ``catalog_format``, ``fwhm_pixels`` or ``min_snr`` is invalid.
     """
     return _evaluate_dirs([pred_dir], truth_dir, min_snr=min_snr, catalog_format=catalog_format,
-                          fwhm_pixels=fwhm_pixels)[0]
+                          fwhm_pixels=fwhm_pixels, flux_column=flux_column)[0]
 
 
 def compare_methods(pred_dirs, truth_dir, **kwargs):
@@ -936,7 +951,7 @@ def compare_methods(pred_dirs, truth_dir, **kwargs):
         The truth directory.
     **kwargs
         Options of `evaluate_directory` (``min_snr``, ``catalog_format``,
-        ``fwhm_pixels``).
+        ``fwhm_pixels``, ``flux_column``).
 
     Returns
     -------
@@ -991,14 +1006,20 @@ def format_table(results):
         f"{m} ({Path(r.get('pred_dir', '')).name})" if methods.count(m) > 1 else m
         for m, r in zip(methods, results, strict=True)
     ]
-    label_width = max(len("metric"), *(len(label) for label, _, _ in _TABLE_ROWS))
+    rows = _TABLE_ROWS
+    flux_columns = {r.get("flux_column", "segment_flux") for r in results}
+    if flux_columns != {"segment_flux"}:  # say which flux the flux rows score
+        named = f"median |Δflux|/flux ({', '.join(sorted(flux_columns))})"
+        rows = [(named if key == "median_abs_flux_error" else label, key, kind)
+                for label, key, kind in rows]
+    label_width = max(len("metric"), *(len(label) for label, _, _ in rows))
     cells = [[_format_value(r["summary"].get(key), kind) for r in results]
-             for _, key, kind in _TABLE_ROWS]
+             for _, key, kind in rows]
     widths = [max(len(h), *(len(row[j]) for row in cells)) for j, h in enumerate(headers)]
     lines = ["  ".join(["metric".ljust(label_width)]
                        + [h.rjust(w) for h, w in zip(headers, widths, strict=True)])]
     lines.append("  ".join(["-" * label_width] + ["-" * w for w in widths]))
-    for (label, _, _), row in zip(_TABLE_ROWS, cells, strict=True):
+    for (label, _, _), row in zip(rows, cells, strict=True):
         lines.append("  ".join([label.ljust(label_width)]
                                + [c.rjust(w) for c, w in zip(row, widths, strict=True)]))
     return "\n".join(lines)

@@ -505,3 +505,22 @@ def nan_to_none(obj):
     if isinstance(obj, float) and math.isnan(obj):
         return None
     return obj
+
+
+def test_flux_column_scores_another_catalog_flux(tmp_path, truth_dir):
+    labels, _ = three_truth()  # true fluxes 100, 200, 50
+    pred = tmp_path / "pred"
+    for name in ("a", "b"):
+        cat = pred_catalog([1, 2, 3], THREE, flux=[90.0, 180.0, 45.0])  # segment flux 10 % low
+        cat["kron_flux"] = np.array([100.0, 220.0, 50.0])  # one source 10 % high, the others exact
+        write_prediction(pred, name, labels, cat, method="maskrcnn")
+    segment = evaluate_directory(pred, truth_dir)
+    kron = evaluate_directory(pred, truth_dir, flux_column="kron_flux")
+    assert segment["flux_column"] == "segment_flux" and kron["flux_column"] == "kron_flux"
+    assert segment["summary"]["median_flux_bias"] == pytest.approx(-0.1)
+    assert kron["summary"]["median_abs_flux_error"] == 0.0
+    assert kron["summary"]["tp"] == segment["summary"]["tp"] == 6  # matching does not change
+    assert "median |Δflux|/flux (kron_flux)" in format_table([kron])
+    assert "(kron_flux)" not in format_table([segment])
+    with pytest.raises(InputError, match="has no column 'auto_flux'.*--flux-column"):
+        evaluate_directory(pred, truth_dir, flux_column="auto_flux")
