@@ -57,6 +57,8 @@ class ConditionRanges:
     star_fraction: tuple = (0.05, 0.4)
     blend_fraction: tuple = (0.2, 0.8)
     masked_fraction: float = 0.2  # fraction of scenes with a masked region (NaN stripe or box)
+    correlated_fraction: float = 0.0  # fraction of scenes with correlated noise (co-adds, resampling)
+    noise_correlation: tuple = (0.5, 1.5)  # Gaussian sigma of the correlation, pixels (those scenes)
 
 
 def _uniform(rng, lo_hi):
@@ -82,6 +84,10 @@ def sample_config(rng, ranges=None):
     r = ranges or ConditionRanges()
     pixel_scale, psf_fwhm = _uniform(rng, r.pixel_scale), _uniform(rng, r.psf_fwhm)
     noise_sigma = _log_uniform(rng, r.noise_sigma)
+    extra = {}
+    # Drawn only when asked for, so recipes without correlated noise keep their random streams.
+    if r.correlated_fraction > 0 and rng.random() < r.correlated_fraction:
+        extra["noise_correlation"] = _uniform(rng, r.noise_correlation)
     return SceneConfig(
         shape=tuple(r.shape),
         pixel_scale=pixel_scale,
@@ -91,6 +97,7 @@ def sample_config(rng, ranges=None):
         density=_log_uniform(rng, r.density),
         star_fraction=_uniform(rng, r.star_fraction),
         blend_fraction=_uniform(rng, r.blend_fraction),
+        **extra,
     )
 
 

@@ -44,15 +44,15 @@ log = logging.getLogger("train_mask_rcnn")
 
 
 def _chunk(args):
-    n, seed, offset = args
+    n, seed, offset, ranges = args
     torch.set_num_threads(1)
     from deblend.simulate import scene_seed
     from deblend.training import make_example
-    return [make_example(scene_seed(seed, offset + i)) for i in range(n)]
+    return [make_example(scene_seed(seed, offset + i), ranges=ranges) for i in range(n)]
 
 
-def cached_examples(path, n, seed, workers):
-    """Examples i = 0..n-1 of `seed`, simulated in parallel and cached at `path`."""
+def cached_examples(path, n, seed, workers, ranges=None):
+    """Examples i = 0..n-1 of `seed` (conditions from `ranges`), simulated in parallel and cached at `path`."""
     path = Path(path)
     if path.exists():
         examples = load_examples(path)
@@ -62,11 +62,11 @@ def cached_examples(path, n, seed, workers):
     t0 = time.perf_counter()
     if workers > 1:
         size = -(-n // (workers * 4))
-        jobs = [(min(size, n - o), seed, o) for o in range(0, n, size)]
+        jobs = [(min(size, n - o), seed, o, ranges) for o in range(0, n, size)]
         with mp.get_context("spawn").Pool(workers) as pool:
             examples = [e for part in pool.map(_chunk, jobs) for e in part]
     else:
-        examples = make_examples(n, seed=seed, progress=True)
+        examples = make_examples(n, seed=seed, ranges=ranges, progress=True)
     log.info("simulated %d examples in %.0f s", n, time.perf_counter() - t0)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_examples(examples, path)
@@ -87,6 +87,8 @@ def main():
     p.add_argument("--backbone", default="small")
     p.add_argument("--init-from", default=None,
                    help="start from this weights file (fresh optimiser and schedule) instead of from scratch")
+    p.add_argument("--correlated-fraction", type=float, default=0.0,
+                   help="fraction of training scenes with correlated noise (validation stays white)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
     p.add_argument("--workers", type=int, default=2, help="processes for simulating scenes")
     p.add_argument("--cache", default="runs/train_cache")
@@ -99,8 +101,10 @@ def main():
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     cache = Path(args.cache)
-    train = cached_examples(cache / f"train_{args.train_seed}_{args.n_train}.npz", args.n_train,
-                            args.train_seed, args.workers)
+    ranges = ConditionRanges(correlated_fraction=args.correlated_fraction)
+    suffix = f"_corr{args.correlated_fraction:g}" if args.correlated_fraction else ""
+    train = cached_examples(cache / f"train_{args.train_seed}_{args.n_train}{suffix}.npz", args.n_train,
+                            args.train_seed, args.workers, ranges)
     val = cached_examples(cache / f"val_{args.val_seed}_{args.n_val}.npz", args.n_val, args.val_seed,
                           args.workers)
     init_from = None
@@ -125,8 +129,10 @@ def main():
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": {"simulator": "deblend.simulate (GalSim)", "n_train": args.n_train,
                  "train_seed": args.train_seed, "n_val": args.n_val, "val_seed": args.val_seed,
-                 "conditions": asdict(ConditionRanges()),
-                 "augmentation": "flips and 90-degree rotations; masked stripes/boxes in 20% of scenes"},
+                 "conditions": asdict(ranges),
+                 "augmentation": "flips and 90-degree rotations; masked stripes/boxes in 20% of scenes"
+                                 + (f"; correlated noise in {100 * args.correlated_fraction:g}% of scenes"
+                                    if args.correlated_fraction else "")},
         "recipe": {"script": "pipelines/train_mask_rcnn.py", "train_config": asdict(cfg),
                    "steps_done": result["steps"], "stopped_early": result["stopped_early"],
                    "wall_time_s": round(result["wall_time"], 1), "device": args.device,

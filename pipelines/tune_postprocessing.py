@@ -3,11 +3,13 @@
 16 scenes of 128x128 from seeds 9000-9015 (neither training, validation nor the quality
 benchmark), conditions cycling through pixel scales 0.15-0.3"/pix, PSF FWHM 0.5-1.0" and
 noise 0.5/1/2. Prints one line per setting; pipelines/results/tuning.txt keeps the output.
+Also compares candidate weights before shipping them: pass the file, --noise-correlation for
+scenes with correlated noise, and --out to keep tuning.txt as it is.
 
-Usage: .venv/bin/python pipelines/tune_postprocessing.py [WEIGHTS.pt]
+Usage: .venv/bin/python pipelines/tune_postprocessing.py [WEIGHTS.pt] [--noise-correlation S] [--out FILE]
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main():
-    model = load_mask_rcnn(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MASK_RCNN)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", nargs="?", default=DEFAULT_MASK_RCNN)
+    p.add_argument("--noise-correlation", type=float, default=0.0,
+                   help="Gaussian sigma (pixels) of correlated noise in every scene (default: white)")
+    p.add_argument("--out", default=str(ROOT / "pipelines" / "results" / "tuning.txt"))
+    args = p.parse_args()
+    model = load_mask_rcnn(args.weights)
     scenes = []
     for i in range(16):
         cfg = SceneConfig(shape=(128, 128), pixel_scale=0.15 + 0.15 * (i % 4) / 3,
-                          psf_fwhm=0.5 + 0.5 * (i % 3) / 2, noise_sigma=[0.5, 1, 2][i % 3])
+                          psf_fwhm=0.5 + 0.5 * (i % 3) / 2, noise_sigma=[0.5, 1, 2][i % 3],
+                          noise_correlation=args.noise_correlation)
         scene = simulate_scene(cfg, seed=9000 + i, keep_sources=False)
         prepared = prepare(Image.from_array(scene.image))
         instances = detect(prepared.normalized(), model=model, mask=prepared.mask, score_threshold=0.3)
@@ -51,7 +60,7 @@ def main():
                 + f", merged={s['merged']}, shredded={s['shredded']}")
             print(line, flush=True)
             lines.append(line)
-    (ROOT / "pipelines" / "results" / "tuning.txt").write_text("\n".join(lines) + "\n")
+    Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

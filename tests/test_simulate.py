@@ -297,6 +297,22 @@ def test_simulate_directory(tmp_path):
 # --- validation -----------------------------------------------------------------------------
 
 
+def test_correlated_noise_keeps_the_pixel_sigma_and_the_truth():
+    white = simulate_scene(SceneConfig(shape=(96, 96), noise_sigma=2.0), seed=4)
+    cfg = SceneConfig(shape=(96, 96), noise_sigma=2.0, noise_correlation=1.5)
+    smooth = simulate_scene(cfg, seed=4)
+    # Same sources and truth; only the noise differs.
+    np.testing.assert_array_equal(smooth.truth_seg, white.truth_seg)
+    noise = smooth.image - smooth.sky - smooth.source_images.sum(axis=0)
+    assert noise.std() == pytest.approx(2.0, rel=0.1)
+    # Neighbouring pixels correlate: about exp(-1 / (4 sigma^2)) = 0.89 for a Gaussian kernel.
+    lag1 = np.corrcoef(noise[:, :-1].ravel(), noise[:, 1:].ravel())[0, 1]
+    white_noise = white.image - white.sky - white.source_images.sum(axis=0)
+    assert lag1 == pytest.approx(np.exp(-1 / (4 * 1.5**2)), abs=0.05)
+    assert abs(np.corrcoef(white_noise[:, :-1].ravel(), white_noise[:, 1:].ravel())[0, 1]) < 0.05
+    assert smooth.header["NOISECOR"] == 1.5 and "NOISECOR" not in white.header
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -311,6 +327,7 @@ def test_simulate_directory(tmp_path):
         ({"star_fraction": 1.5}, r"SceneConfig\.star_fraction .* between 0 and 1"),
         ({"blend_fraction": -0.1}, r"SceneConfig\.blend_fraction"),
         ({"sky_gradient": 2.0}, r"SceneConfig\.sky_gradient"),
+        ({"noise_correlation": -1.0}, r"SceneConfig\.noise_correlation .* >= 0"),
         ({"n_bands": 0}, r"SceneConfig\.n_bands .* >= 1"),
         ({"n_bands": True}, r"SceneConfig\.n_bands"),
         ({"flux_max": 10.0}, r"SceneConfig\.flux_max .* > flux_min"),

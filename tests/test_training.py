@@ -34,6 +34,20 @@ def test_sample_config_in_ranges():
         assert 0.1 <= c.pixel_scale <= 0.3 and 0.5 <= c.psf_fwhm <= 1.1 and 0.5 <= c.noise_sigma <= 3.0
 
 
+def test_sample_config_correlated_noise_fraction():
+    white = [sample_config(np.random.default_rng(i)) for i in range(40)]
+    assert all(c.noise_correlation == 0 for c in white)
+    mixed = [sample_config(np.random.default_rng(i), ConditionRanges(correlated_fraction=0.5))
+             for i in range(40)]
+    sigmas = np.array([c.noise_correlation for c in mixed])
+    assert 10 <= (sigmas > 0).sum() <= 30
+    assert ((sigmas == 0) | ((sigmas >= 0.5) & (sigmas <= 1.5))).all()
+    # With no correlated scenes asked for, the random stream (and so every recipe) is unchanged.
+    again = [sample_config(np.random.default_rng(i), ConditionRanges(correlated_fraction=0.0))
+             for i in range(40)]
+    assert again == white
+
+
 def test_make_example_is_reproducible_and_consistent():
     a, b = make_example(11, ranges=SMALL), make_example(11, ranges=SMALL)
     np.testing.assert_array_equal(a["image"], b["image"])
