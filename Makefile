@@ -26,7 +26,11 @@ test: $(STAMP)
 train-mask-rcnn: $(STAMP)
 	$(BIN)/python pipelines/train_mask_rcnn.py --out runs/mask_rcnn_stage1.pt
 	$(BIN)/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage1.pt --n-train 5000 \
-		--lr 5e-4 --steps 12000 --max-minutes 95 --checkpoints runs/checkpoints/mask_rcnn_stage2
+		--lr 5e-4 --steps 12000 --max-minutes 95 --checkpoints runs/checkpoints/mask_rcnn_stage2 \
+		--out runs/mask_rcnn_stage2.pt
+	$(BIN)/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage2.pt --n-train 3000 \
+		--train-seed 2 --correlated-fraction 0.5 --lr 3e-4 --steps 8000 --max-minutes 60 \
+		--checkpoints runs/checkpoints/mask_rcnn_stage3
 
 lint: $(STAMP)
 	$(BIN)/ruff check deblend tests pipelines
