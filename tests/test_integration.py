@@ -103,14 +103,18 @@ def test_seam_with_the_shipped_model():
         if any(cols.start < s < cols.stop for s in seams_x) or any(rows.start < s < rows.stop for s in seams_y):
             straddling.append(i)
     assert len(straddling) >= 3  # the sample tile has sources on the seams
-    found = 0
+    ious = []
     for i in straddling:
         d = np.hypot(*(tiled.centers - whole.centers[i]).T)
         near = np.flatnonzero(d < 2.0)
         assert len(near) <= 1, f"source at {whole.centers[i]} found {len(near)} times across a seam"
         if len(near) == 1:
-            found += 1
             a, b = _binary_mask(whole, i, normalized.shape), _binary_mask(tiled, near[0], normalized.shape)
-            assert (a & b).sum() / max(1, (a | b).sum()) > 0.6
-    # the network sees different context in a smaller window, so a faint source may flip; most must not
-    assert found >= 0.8 * len(straddling), (found, len(straddling))
+            ious.append((a & b).sum() / max(1, (a | b).sum()))
+    # The network sees different context in a smaller window, so a faint source may flip and a mask
+    # may change (with the stage-3 weights one of the eight straddling sources gets 450 pixels in
+    # 128-px windows against 258 in one window); the stitching must not: most sources are found, with
+    # the same masks.
+    ious = np.array(ious)
+    assert len(ious) >= 0.8 * len(straddling), (len(ious), len(straddling))
+    assert np.median(ious) > 0.9 and np.mean(ious > 0.6) >= 0.8, ious.round(3)
