@@ -38,6 +38,7 @@ __all__ = [
     "collate",
     "compute_losses",
     "TrainConfig",
+    "freeze_except",
     "train_mask_rcnn",
 ]
 
@@ -445,6 +446,53 @@ def fit(model, batch_loss, *, config, validate=None, checkpoint_dir=None, resume
     model.eval()
     return {"history": history, "steps": step, "wall_time": elapsed_before + time.perf_counter() - start,
             "stopped_early": stopped_early}
+
+
+def freeze_except(model, prefixes):
+    """Train only the parameters whose names start with one of ``prefixes``.
+
+    Every other parameter gets ``requires_grad=False`` (so `fit` leaves it
+    alone), and every BatchNorm outside ``prefixes`` stays in eval mode,
+    keeping its running statistics, even when ``model.train()`` is called.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    prefixes : tuple of str
+        Parameter-name prefixes, e.g. ``deblend.models.mask_rcnn.MASK_BRANCH``.
+
+    Returns
+    -------
+    int
+        The number of scalar parameters left trainable.
+
+    Raises
+    ------
+    ValueError
+        If no parameter name starts with any of ``prefixes``.
+    """
+    prefixes = tuple(prefixes)
+    n_trainable = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(prefixes))
+        n_trainable += param.numel() if param.requires_grad else 0
+    if not n_trainable:
+        raise ValueError(f"no parameter of the model starts with any of prefixes={prefixes!r}; "
+                         "pass prefixes of names from model.named_parameters()")
+    frozen_norms = [m for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                    and not (name + ".").startswith(prefixes)]
+    train = model.train
+
+    def train_keeping_frozen_norms(mode=True):
+        train(mode)
+        for module in frozen_norms:
+            module.eval()
+        return model
+
+    model.train = train_keeping_frozen_norms
+    model.train(model.training)
+    return n_trainable
 
 
 def train_mask_rcnn(model, train_examples, *, val_examples=None, config=None, checkpoint_dir=None,

@@ -35,10 +35,12 @@ import numpy as np
 import torch
 
 from deblend._version import __version__
-from deblend.models import build_mask_rcnn, count_parameters, load_weights, save_weights
+from deblend.models import build_mask_rcnn, count_parameters, load_weights, save_weights, with_mask_head
+from deblend.models.mask_rcnn import MASK_BRANCH
 from deblend.training import (
     ConditionRanges,
     TrainConfig,
+    freeze_except,
     hardware_info,
     load_examples,
     make_examples,
@@ -96,6 +98,11 @@ def main():
                    help="start from this weights file (fresh optimiser and schedule) instead of from scratch")
     p.add_argument("--correlated-fraction", type=float, default=0.0,
                    help="fraction of training scenes with correlated noise (validation stays white)")
+    p.add_argument("--mask-head-channels", default=None,
+                   help="comma-separated widths of a new mask head (e.g. 32,32), replacing the --init-from "
+                        "model's; everything else keeps its weights")
+    p.add_argument("--train-only", choices=("all", "mask"), default="all",
+                   help="'mask': train the mask head and predictor only, everything else frozen")
     p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
     p.add_argument("--workers", type=int, default=2, help="processes for simulating scenes")
     p.add_argument("--cache", default="runs/train_cache")
@@ -123,6 +130,15 @@ def main():
         log.info("starting from %s (%s steps)", args.init_from, (previous.get("recipe") or {}).get("steps_done"))
     else:
         model = build_mask_rcnn(backbone=args.backbone, seed=args.seed)
+    if args.mask_head_channels:
+        if not args.init_from:
+            p.error("--mask-head-channels replaces the mask head of --init-from's model; pass --init-from")
+        channels = tuple(int(c) for c in args.mask_head_channels.split(","))
+        model = with_mask_head(model, channels, seed=args.seed)
+        init_from["new_mask_head_channels"] = list(channels)
+    if args.train_only == "mask":
+        n = freeze_except(model, MASK_BRANCH)
+        log.info("training the mask branch only: %d parameters", n)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       max_minutes=args.max_minutes or None)
     result = train_mask_rcnn(model, train, val_examples=val, config=cfg,
@@ -143,9 +159,10 @@ def main():
         "recipe": {"script": "pipelines/train_mask_rcnn.py", "train_config": asdict(cfg),
                    "steps_done": result["steps"], "stopped_early": result["stopped_early"],
                    "wall_time_s": round(result["wall_time"], 1), "device": args.device,
-                   "init_from": init_from},
+                   "init_from": init_from, "trained_parts": args.train_only},
         "hardware": hardware_info(),
         "n_parameters": count_parameters(model),
+        "n_parameters_trained": count_parameters(model, trainable_only=True),
         "final_val_loss": last_val[-1] if last_val else None,
         "history": result["history"],
     }

@@ -14,8 +14,9 @@ from deblend.models import (
     load_weights,
     model_config,
     save_weights,
+    with_mask_head,
 )
-from deblend.models.mask_rcnn import _paste_masks, paste_mask_crops
+from deblend.models.mask_rcnn import MASK_BRANCH, _paste_masks, paste_mask_crops
 from deblend.training import _instances
 
 torch.set_num_threads(2)
@@ -369,3 +370,22 @@ def test_argument_validation(kwargs, match):
 def test_builder_is_keyword_only():
     with pytest.raises(TypeError):
         build_mask_rcnn("small")
+
+
+def test_with_mask_head_keeps_everything_but_the_mask_branch(eval_model):
+    new = with_mask_head(eval_model, (16,), seed=3)
+    assert model_config(new)["mask_head_channels"] == (16,)
+    old, fresh = eval_model.state_dict(), new.state_dict()
+    for key, value in fresh.items():
+        if key.startswith(MASK_BRANCH):
+            if key.endswith("weight"):
+                assert key not in old or old[key].shape != value.shape or not torch.equal(old[key], value)
+        else:
+            assert torch.equal(old[key], value), key
+    assert count_parameters(new) < count_parameters(eval_model)
+    # same detections, other masks
+    image, _ = _scene()
+    a, b = eval_model([image])[0], new.eval()([image])[0]
+    assert len(a["boxes"]) > 0
+    torch.testing.assert_close(a["boxes"], b["boxes"])
+    assert model_config(eval_model)["mask_head_channels"] != (16,)

@@ -3,13 +3,15 @@ import pytest
 import torch
 from astropy.table import Table
 
-from deblend.models import build_mask_rcnn
+from deblend.models import build_mask_rcnn, with_mask_head
+from deblend.models.mask_rcnn import MASK_BRANCH
 from deblend.training import (
     ConditionRanges,
     SceneDataset,
     TrainConfig,
     collate,
     compute_losses,
+    freeze_except,
     load_examples,
     make_example,
     make_examples,
@@ -118,3 +120,26 @@ def test_compute_losses_leaves_batchnorm_statistics_alone(examples):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not model.training
+
+
+def test_freeze_except_trains_only_the_mask_branch(examples, tmp_path):
+    teacher = build_mask_rcnn(seed=0)
+    model = with_mask_head(teacher, (16, 16), seed=1)
+    n = freeze_except(model, MASK_BRANCH)
+    assert 0 < n < sum(p.numel() for p in model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(steps=3, batch_size=2, log_every=1, warmup_steps=1, lr=1e-2)
+    train_mask_rcnn(model, examples, config=cfg, checkpoint_dir=tmp_path)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(MASK_BRANCH) for k in changed)
+    # frozen BatchNorms kept their statistics although fit() put the model in training mode
+    assert not any("backbone" in k and "running" in k for k in changed)
+    model.train()
+    assert model.training and not model.backbone.body.stem[1].training
+    assert model.roi_heads.mask_head.training
+
+
+def test_freeze_except_rejects_unknown_prefixes():
+    with pytest.raises(ValueError, match="prefixes=.*named_parameters"):
+        freeze_except(build_mask_rcnn(seed=0), ("no_such_module.",))

@@ -8,6 +8,7 @@ from deblend.models.mask_rcnn import (
     load_weights,
     model_config,
     save_weights,
+    with_mask_head,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "load_weights",
     "model_config",
     "save_weights",
+    "with_mask_head",
 ]

@@ -44,6 +44,7 @@ __all__ = [
     "BACKBONES",
     "build_mask_rcnn",
     "model_config",
+    "with_mask_head",
     "save_weights",
     "load_weights",
     "count_parameters",
@@ -636,6 +637,41 @@ def model_config(model):
             "deblend.models.build_mask_rcnn or load it with deblend.models.load_weights"
         )
     return dict(config)
+
+
+#: State-dict prefixes of the mask branch (head and predictor), replaced by :func:`with_mask_head`.
+MASK_BRANCH = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
+
+
+def with_mask_head(model, mask_head_channels, *, seed=0):
+    """Return a copy of ``model`` with a new, freshly initialised mask head.
+
+    Everything but the mask branch (`MASK_BRANCH`: the mask head's
+    convolutions and the mask predictor) keeps ``model``'s weights, so
+    detections are unchanged and only the masks need training, e.g. to trade
+    a narrower (faster) mask head against mask quality.
+
+    Parameters
+    ----------
+    model : torchvision.models.detection.MaskRCNN
+        A model from :func:`build_mask_rcnn` or :func:`load_weights`.
+    mask_head_channels : sequence of int
+        Output channels of the new head's 3x3 convolutions, e.g. ``(32, 32)``.
+    seed : int, optional
+        Initialisation seed of the new head.
+
+    Returns
+    -------
+    torchvision.models.detection.MaskRCNN
+        A new model on the CPU; ``model`` is not modified.
+    """
+    config = model_config(model)
+    config.update(mask_head_channels=mask_head_channels, seed=seed)
+    new = build_mask_rcnn(**config)
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith(MASK_BRANCH)}
+    missing, unexpected = new.load_state_dict(kept, strict=False)
+    assert not unexpected and all(k.startswith(MASK_BRANCH) for k in missing), (missing, unexpected)
+    return new
 
 
 def count_parameters(model, *, trainable_only=False):
