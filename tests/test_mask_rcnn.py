@@ -389,3 +389,21 @@ def test_with_mask_head_keeps_everything_but_the_mask_branch(eval_model):
     assert len(a["boxes"]) > 0
     torch.testing.assert_close(a["boxes"], b["boxes"])
     assert model_config(eval_model)["mask_head_channels"] != (16,)
+
+
+def test_mask_predictor_at_inference_equals_its_layers():
+    """The fused inference path of the mask predictor gives the layer-by-layer logits."""
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    predictor = build_mask_rcnn(seed=0).roi_heads.mask_predictor
+    torch.nn.init.normal_(predictor.conv5_mask.bias)  # non-zero biases, as after training
+    torch.nn.init.normal_(predictor.mask_fcn_logits.bias)
+    x = torch.relu(torch.randn(37, predictor.conv5_mask.in_channels, 14, 14,
+                               generator=torch.Generator().manual_seed(0)))
+    with torch.inference_mode():
+        fused = predictor(x)
+        layers = MaskRCNNPredictor.forward(predictor, x)
+    assert fused.shape == layers.shape == (37, len(CLASS_NAMES), 28, 28)
+    torch.testing.assert_close(fused, layers, rtol=1e-4, atol=1e-4)
+    # with autograd (training) the layers run one by one
+    assert torch.equal(predictor(x), MaskRCNNPredictor.forward(predictor, x))

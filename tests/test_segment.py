@@ -484,7 +484,10 @@ def test_masks_are_not_computed_for_detections_no_core_can_own(monkeypatch):
     full = detect(image, **kwargs)
     assert sum(masked) > n_trimmed  # fewer masks computed ...
     assert len(trimmed) == len(full) > 0  # ... for the same instances
-    for name in ("boxes", "labels", "class_prob", "det_score", "centers"):
-        np.testing.assert_array_equal(getattr(trimmed, name), getattr(full, name))
+    # Equal up to float rounding: matrix products round differently for different numbers of rows.
+    np.testing.assert_array_equal(trimmed.labels, full.labels)
+    for name in ("boxes", "class_prob", "det_score", "centers"):
+        np.testing.assert_allclose(getattr(trimmed, name), getattr(full, name), rtol=1e-6, atol=1e-6)
     for a, b in zip(trimmed.masks, full.masks, strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
