@@ -51,7 +51,7 @@ def test_multiscale_pool_matches_torchvision():
     names = ["0", "1", "2", "3"]
     strides = [4, 8, 16, 32]
     g = torch.Generator().manual_seed(6)
-    features = {n: torch.randn(2, 8, 256 // s, 192 // s, generator=g) for n, s in zip(names, strides)}
+    features = {n: torch.randn(2, 8, 256 // s, 192 // s, generator=g) for n, s in zip(names, strides, strict=True)}
     boxes = []
     for seed in (7, 8):
         r = _rois(120, seed, image=170.0, batch=1)[:, 1:].clamp(min=0, max=180)

@@ -110,7 +110,7 @@ def _roi_align_hwc(features, rois, output_size, spatial_scale, sampling_ratio):
 
 
 def roi_align(features, rois, output_size, spatial_scale, sampling_ratio):
-    """torchvision's ``roi_align(..., aligned=False)`` computed with batched matrix products.
+    """Compute torchvision's ``roi_align(..., aligned=False)`` with batched matrix products.
 
     Parameters
     ----------
@@ -144,6 +144,7 @@ class SeparableMultiScaleRoIAlign(MultiScaleRoIAlign):
     """
 
     def forward(self, x, boxes, image_shapes):
+        """Pool ``boxes`` (a list of (N, 4) per image) from the feature maps ``x`` (dict)."""
         if self.scales is None or self.map_levels is None:
             raise RuntimeError("SeparableMultiScaleRoIAlign needs scales and map_levels set up front")
         if self.output_size[0] != self.output_size[1]:
