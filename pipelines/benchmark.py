@@ -58,6 +58,8 @@ from unittest import mock
 
 import numpy as np
 import torch
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
 
 import deblend
 import deblend.segment
@@ -65,6 +67,8 @@ from deblend.catalog import make_catalog
 from deblend.classical import photutils_labels, sep_labels
 from deblend.evaluate import evaluate_image, summarize
 from deblend.io import Image, read_image
+from deblend.models.mask_rcnn import _MaskPredictor
+from deblend.models.roi_align import SeparableMultiScaleRoIAlign
 from deblend.pipeline import Deblender
 from deblend.preprocess import prepare
 from deblend.result import DeblendResult
@@ -849,6 +853,12 @@ def ablation_variants(base_model, opts, *, quick=False, compile_=False):
                          deblend.segment, "_may_be_owned", lambda boxes, core: torch.ones(len(boxes), dtype=bool)))))
     variants.append(("RoI batches not padded to multiples of 8 (ROI_BUCKET = 1)", "memory",
                      lambda: (base_model, {}, mock.patch.object(deblend.segment, "ROI_BUCKET", 1))))
+    variants.append(("torchvision's roi_align kernel (single-threaded) instead of deblend's batched products",
+                     "RoIAlign", lambda: (base_model, {}, mock.patch.object(
+                         SeparableMultiScaleRoIAlign, "forward", MultiScaleRoIAlign.forward))))
+    variants.append(("mask predictor layer by layer (transposed conv, ReLU, 1x1 conv)", "mask predictor",
+                     lambda: (base_model, {}, mock.patch.object(_MaskPredictor, "forward",
+                                                                MaskRCNNPredictor.forward))))
     variants.append(("contiguous weights (the default is channels_last)", "memory format",
                      lambda: (copy.deepcopy(base_model).to(memory_format=torch.contiguous_format), {},
                               contextlib.nullcontext())))
