@@ -367,21 +367,42 @@ def test_instances_select_and_empty():
                   offsets=np.zeros((1, 2), np.int64))
 
 
-def test_paste_crops_matches_full_paste():
+def _paste_reference(mask, box, shape):
+    """The pasting rule of `paste_mask_crops`, written out pixel by pixel in numpy."""
+    m = mask.shape[0]
+    x0, y0, x1, y1 = box
+    sx, sy = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+    py, px = np.mgrid[: shape[0], : shape[1]].astype(float)
+    u = np.clip((px - x0) * m / sx - 0.5, 0, m - 1)  # cell coordinates, outer cells extended
+    v = np.clip((py - y0) * m / sy - 0.5, 0, m - 1)
+    iu, iv = np.minimum(np.floor(u).astype(int), m - 2), np.minimum(np.floor(v).astype(int), m - 2)
+    fu, fv = u - iu, v - iv
+    value = ((1 - fv) * ((1 - fu) * mask[iv, iu] + fu * mask[iv, iu + 1])
+             + fv * ((1 - fu) * mask[iv + 1, iu] + fu * mask[iv + 1, iu + 1]))
+    fade_x = np.clip(1 - np.maximum(np.maximum(x0 - px, px - (x0 + sx)), 0), 0, 1)
+    fade_y = np.clip(1 - np.maximum(np.maximum(y0 - py, py - (y0 + sy)), 0), 0, 1)
+    return value * fade_x * fade_y
+
+
+def test_paste_crops_follow_the_pasting_rule_in_every_size_group():
+    """Masks pasted together (grouped by crop size) equal the rule applied to each alone."""
     torch.manual_seed(0)
-    probs = torch.rand(6, 1, 28, 28)
     boxes = torch.tensor([[3.2, 4.1, 20.7, 15.3], [0.0, 0.0, 5.0, 5.0], [50.5, 40.2, 64.0, 48.0],
-                          [-3.0, 10.0, 4.0, 70.0], [10.0, 10.0, 10.4, 10.3],
-                          [1.0, 2.0, 63.0, 47.0]])
+                          [-3.0, 10.0, 4.0, 70.0], [10.0, 10.0, 10.4, 10.3], [1.0, 2.0, 63.0, 47.0],
+                          [30.0, 20.0, 37.5, 26.0], [70.0, 5.0, 80.0, 9.0]])  # the last misses the window
+    probs = torch.rand(len(boxes), 1, 28, 28)
     shape = (48, 64)
-    full = _paste_masks(probs, boxes, shape)[:, 0]
     crops = paste_mask_crops(probs, boxes, shape)
+    assert len({max(c.shape) // 8 for c, _, _ in crops}) >= 3  # several size groups were used
+    full = _paste_masks(probs, boxes, shape)[:, 0].numpy()
     for i, (crop, y0, x0) in enumerate(crops):
+        expected = _paste_reference(probs[i, 0].double().numpy(), boxes[i].tolist(), shape)
+        np.testing.assert_allclose(full[i], expected, atol=1e-5)
         h, w = crop.shape
-        assert torch.equal(full[i, y0 : y0 + h, x0 : x0 + w], crop)
-        outside = full[i].clone()
+        outside = expected.copy()
         outside[y0 : y0 + h, x0 : x0 + w] = 0
-        assert not outside.any()
+        assert not outside.any()  # the crop holds every pixel the mask reaches
+    assert crops[-1][0].numel() == 0
 
 
 def test_real_mask_rcnn_end_to_end():
