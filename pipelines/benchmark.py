@@ -67,6 +67,7 @@ from deblend.catalog import make_catalog
 from deblend.classical import photutils_labels, sep_labels
 from deblend.evaluate import evaluate_image, summarize
 from deblend.io import Image, read_image
+from deblend.models import set_test_proposals
 from deblend.models.mask_rcnn import _MaskPredictor
 from deblend.models.roi_align import SeparableMultiScaleRoIAlign
 from deblend.pipeline import Deblender
@@ -790,10 +791,7 @@ def _threads(n):
 
 
 def _rpn(model, pre, post):
-    model = copy.deepcopy(model)
-    model.rpn._pre_nms_top_n["testing"] = pre
-    model.rpn._post_nms_top_n["testing"] = post
-    return model
+    return set_test_proposals(copy.deepcopy(model), pre, post)
 
 
 def _max_detections(model, n):

@@ -35,7 +35,14 @@ import numpy as np
 import torch
 
 from deblend._version import __version__
-from deblend.models import build_mask_rcnn, count_parameters, load_weights, save_weights, with_mask_head
+from deblend.models import (
+    build_mask_rcnn,
+    count_parameters,
+    load_weights,
+    save_weights,
+    set_test_proposals,
+    with_mask_head,
+)
 from deblend.models.mask_rcnn import MASK_BRANCH
 from deblend.training import (
     ConditionRanges,
@@ -103,6 +110,8 @@ def main():
                         "model's; everything else keeps its weights")
     p.add_argument("--train-only", choices=("all", "mask"), default="all",
                    help="'mask': train the mask head and predictor only, everything else frozen")
+    p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
+                   help="RPN proposals the saved model keeps at inference, before/after NMS (training unaffected)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
     p.add_argument("--workers", type=int, default=2, help="processes for simulating scenes")
     p.add_argument("--cache", default="runs/train_cache")
@@ -145,6 +154,8 @@ def main():
                              checkpoint_dir=args.checkpoints, resume=not args.no_resume,
                              device=args.device)
     model.to("cpu").eval()
+    if args.rpn_test_top_n:
+        set_test_proposals(model, *(int(n) for n in args.rpn_test_top_n.split(",")))
     last_val = [r["val_loss"] for r in result["history"] if "val_loss" in r]
     metadata = {
         "name": Path(args.out).stem,

@@ -6,7 +6,8 @@ noise 0.5/1/2. Prints one line per setting; pipelines/results/tuning.txt keeps t
 Also compares candidate weights before shipping them: pass the file, --noise-correlation for
 scenes with correlated noise, and --out to keep tuning.txt as it is.
 
-Usage: .venv/bin/python pipelines/tune_postprocessing.py [WEIGHTS.pt] [--noise-correlation S] [--out FILE]
+Usage: .venv/bin/python pipelines/tune_postprocessing.py [WEIGHTS.pt] [--noise-correlation S]
+       [--rpn-test-top-n PRE,POST] [--out FILE]
 """
 
 import argparse
@@ -17,6 +18,7 @@ import numpy as np
 from deblend.catalog import make_catalog
 from deblend.evaluate import evaluate_image, summarize
 from deblend.io import Image
+from deblend.models import set_test_proposals
 from deblend.models.registry import DEFAULT_MASK_RCNN, load_mask_rcnn
 from deblend.preprocess import prepare
 from deblend.segment import detect, instances_to_labels, suppress_duplicates
@@ -30,9 +32,13 @@ def main():
     p.add_argument("weights", nargs="?", default=DEFAULT_MASK_RCNN)
     p.add_argument("--noise-correlation", type=float, default=0.0,
                    help="Gaussian sigma (pixels) of correlated noise in every scene (default: white)")
+    p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
+                   help="RPN proposals kept before/after NMS at inference (default: the weights' own)")
     p.add_argument("--out", default=str(ROOT / "pipelines" / "results" / "tuning.txt"))
     args = p.parse_args()
     model = load_mask_rcnn(args.weights)
+    if args.rpn_test_top_n:
+        set_test_proposals(model, *(int(n) for n in args.rpn_test_top_n.split(",")))
     scenes = []
     for i in range(16):
         cfg = SceneConfig(shape=(128, 128), pixel_scale=0.15 + 0.15 * (i % 4) / 3,

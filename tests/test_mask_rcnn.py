@@ -14,6 +14,7 @@ from deblend.models import (
     load_weights,
     model_config,
     save_weights,
+    set_test_proposals,
     with_mask_head,
 )
 from deblend.models.mask_rcnn import MASK_BRANCH, _paste_masks, paste_mask_crops
@@ -407,3 +408,16 @@ def test_mask_predictor_at_inference_equals_its_layers():
     torch.testing.assert_close(fused, layers, rtol=1e-4, atol=1e-4)
     # with autograd (training) the layers run one by one
     assert torch.equal(predictor(x), MaskRCNNPredictor.forward(predictor, x))
+
+
+def test_set_test_proposals_is_saved_and_loaded(tmp_path):
+    model = set_test_proposals(build_mask_rcnn(seed=0), 1000, 500)
+    assert (model.eval().rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (1000, 500)
+    save_weights(model, tmp_path / "m.pt", metadata={})
+    loaded = load_weights(tmp_path / "m.pt").eval()
+    assert (loaded.rpn.pre_nms_top_n(), loaded.rpn.post_nms_top_n()) == (1000, 500)
+    assert model_config(loaded)["rpn_post_nms_top_n_test"] == 500
+    default = model_config(build_mask_rcnn())
+    assert model_config(loaded)["rpn_post_nms_top_n_train"] == default["rpn_post_nms_top_n_train"]
+    with pytest.raises(ValueError, match="post_nms_top_n"):
+        set_test_proposals(model, 10, 0)

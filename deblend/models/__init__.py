@@ -8,6 +8,7 @@ from deblend.models.mask_rcnn import (
     load_weights,
     model_config,
     save_weights,
+    set_test_proposals,
     with_mask_head,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "load_weights",
     "model_config",
     "save_weights",
+    "set_test_proposals",
     "with_mask_head",
 ]
