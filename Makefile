@@ -30,7 +30,10 @@ train-mask-rcnn: $(STAMP)
 		--out runs/mask_rcnn_stage2.pt
 	$(BIN)/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage2.pt --n-train 3000 \
 		--train-seed 2 --correlated-fraction 0.5 --lr 3e-4 --steps 8000 --max-minutes 60 \
-		--checkpoints runs/checkpoints/mask_rcnn_stage3
+		--checkpoints runs/checkpoints/mask_rcnn_stage3 --out runs/mask_rcnn_stage3.pt
+	$(BIN)/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage3.pt --n-train 3000 \
+		--train-seed 2 --correlated-fraction 0.5 --mask-head-channels 32,32 --train-only mask --lr 1e-3 \
+		--steps 15000 --max-minutes 45 --checkpoints runs/checkpoints/mask_head32
 
 lint: $(STAMP)
 	$(BIN)/ruff check deblend tests pipelines

@@ -1,4 +1,4 @@
-"""pipelines/train_mask_rcnn.py stays runnable: a tiny two-stage run, as the shipped weights' recipe does."""
+"""pipelines/train_mask_rcnn.py stays runnable: tiny multi-stage runs, as the shipped weights' recipe does."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from deblend.models import build_mask_rcnn, load_weights, model_config
+from deblend.models.mask_rcnn import MASK_BRANCH
 from deblend.models.weights import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +48,21 @@ def test_two_stage_recipe_records_its_first_stage(tmp_path):
     to_first = sum(float((second.state_dict()[k] - first.state_dict()[k]).abs().sum()) for k in keys)
     to_fresh = sum(float((second.state_dict()[k] - fresh[k]).abs().sum()) for k in keys)
     assert 0 < to_first < 0.01 * to_fresh
+
+
+def test_mask_head_stage_changes_only_the_mask_branch(tmp_path):
+    stage1, stage2 = tmp_path / "stage1.pt", tmp_path / "stage2.pt"
+    _train(tmp_path, stage1, "--checkpoints", str(tmp_path / "ck1"), "--seed", "3")
+    card = _train(tmp_path, stage2, "--checkpoints", str(tmp_path / "ck2"), "--init-from", str(stage1),
+                  "--mask-head-channels", "16,16", "--train-only", "mask", "--rpn-test-top-n", "700,350")
+    assert card["recipe"]["trained_parts"] == "mask"
+    assert card["recipe"]["init_from"]["new_mask_head_channels"] == [16, 16]
+    assert 0 < card["n_parameters_trained"] < card["n_parameters"]
+    first, second = load_weights(stage1), load_weights(stage2)
+    config = model_config(second)
+    assert config["mask_head_channels"] == (16, 16)
+    assert (config["rpn_pre_nms_top_n_test"], config["rpn_post_nms_top_n_test"]) == (700, 350)
+    old = first.state_dict()
+    for key, value in second.state_dict().items():
+        if not key.startswith(MASK_BRANCH):
+            assert torch.equal(value, old[key]), key  # frozen, BatchNorm statistics included
