@@ -25,7 +25,7 @@ Usage (from the repository root; ``make train-mask-rcnn`` runs the four stages):
         --checkpoints runs/checkpoints/mask_rcnn_stage3 --out runs/mask_rcnn_stage3.pt     # stage 3
     .venv/bin/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage3.pt \
         --n-train 3000 --train-seed 2 --correlated-fraction 0.5 --mask-head-channels 32,32 --train-only mask \
-        --lr 1e-3 --steps 15000 --max-minutes 45 --checkpoints runs/checkpoints/mask_head32  # stage 4 -> deblend/weights
+        --lr 1e-3 --steps 15000 --max-minutes 45 --checkpoints runs/checkpoints/mask_head32  # stage 4 (shipped)
     .venv/bin/python pipelines/train_mask_rcnn.py --steps 50 --n-train 40 --out runs/tiny.pt   # smoke test
 """
 

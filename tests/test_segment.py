@@ -403,6 +403,10 @@ def test_paste_crops_follow_the_pasting_rule_in_every_size_group():
         outside[y0 : y0 + h, x0 : x0 + w] = 0
         assert not outside.any()  # the crop holds every pixel the mask reaches
     assert crops[-1][0].numel() == 0
+    # a group in which every box misses the window
+    (alone,) = paste_mask_crops(probs[-1:], boxes[-1:], shape)
+    assert alone[0].numel() == 0 and alone[2] == shape[1]
+    assert paste_mask_crops(probs[:0], boxes[:0], shape) == []
 
 
 def test_real_mask_rcnn_end_to_end():

@@ -178,20 +178,24 @@ def paste_mask_crops(masks, boxes, window_shape):
     span_y = (boxes[:, 3] - y0).clamp(min=1.0)
     # Non-zero within one pixel of the box: p in (x0 - 1, x0 + span + 1).
     xa = x0.floor().clamp(min=0).long()
-    xb = torch.minimum((x0 + span_x).ceil().long() + 1, torch.tensor(width))
+    xb = ((x0 + span_x).ceil().long() + 1).clamp(max=width)
     ya = y0.floor().clamp(min=0).long()
-    yb = torch.minimum((y0 + span_y).ceil().long() + 1, torch.tensor(height))
+    yb = ((y0 + span_y).ceil().long() + 1).clamp(max=height)
     sizes_y, sizes_x = (yb - ya).clamp(min=0), (xb - xa).clamp(min=0)
     # Masks are resampled in groups of similar crop size, each in one grid_sample call.
     extent = torch.maximum(sizes_y, sizes_x)
-    bucket = torch.bucketize(extent, torch.tensor(_PASTE_BUCKETS))
+    bucket = torch.bucketize(extent, torch.tensor(_PASTE_BUCKETS, device=extent.device))
     crops = [None] * n
     for b in torch.unique(bucket).tolist():
         index = torch.nonzero(bucket == b).flatten()
         ky = int(sizes_y[index].max())
         kx = int(sizes_x[index].max())
-        px = xa[index, None].to(masks.dtype) + torch.arange(kx, dtype=masks.dtype)  # (G, kx)
-        py = ya[index, None].to(masks.dtype) + torch.arange(ky, dtype=masks.dtype)  # (G, ky)
+        if ky == 0 or kx == 0:  # every box of the group misses the window
+            for i in index.tolist():
+                crops[i] = (masks.new_zeros((0, 0)), min(int(ya[i]), height), min(int(xa[i]), width))
+            continue
+        px = xa[index, None].to(masks.dtype) + torch.arange(kx, dtype=masks.dtype, device=masks.device)
+        py = ya[index, None].to(masks.dtype) + torch.arange(ky, dtype=masks.dtype, device=masks.device)
         bx0, by0 = x0[index, None], y0[index, None]
         sx, sy = span_x[index, None], span_y[index, None]
         gx = ((px - bx0) * (2.0 / sx) - 1.0)[:, None, :].expand(-1, ky, -1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import roi_align as tv_roi_align
-from torchvision.ops.poolers import _convert_to_roi_format
 
 __all__ = ["roi_align", "SeparableMultiScaleRoIAlign"]
 
@@ -150,7 +149,7 @@ class SeparableMultiScaleRoIAlign(MultiScaleRoIAlign):
         if self.output_size[0] != self.output_size[1]:
             raise ValueError(f"output_size must be square, got {self.output_size!r}")
         features = [x[name] for name in self.featmap_names]
-        rois = _convert_to_roi_format(boxes)
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
         levels = self.map_levels(boxes)
         size = self.output_size[0]
         present = torch.unique(levels).tolist()
