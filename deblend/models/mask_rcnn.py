@@ -190,21 +190,19 @@ def paste_mask_crops(masks, boxes, window_shape):
         index = torch.nonzero(bucket == b).flatten()
         ky = int(sizes_y[index].max())
         kx = int(sizes_x[index].max())
-        if ky == 0 or kx == 0:  # every box of the group misses the window
-            for i in index.tolist():
-                crops[i] = (masks.new_zeros((0, 0)), min(int(ya[i]), height), min(int(xa[i]), width))
-            continue
-        px = xa[index, None].to(masks.dtype) + torch.arange(kx, dtype=masks.dtype, device=masks.device)
-        py = ya[index, None].to(masks.dtype) + torch.arange(ky, dtype=masks.dtype, device=masks.device)
-        bx0, by0 = x0[index, None], y0[index, None]
-        sx, sy = span_x[index, None], span_y[index, None]
-        gx = ((px - bx0) * (2.0 / sx) - 1.0)[:, None, :].expand(-1, ky, -1)
-        gy = ((py - by0) * (2.0 / sy) - 1.0)[:, :, None].expand(-1, -1, kx)
-        sampled = nn.functional.grid_sample(masks[index], torch.stack((gx, gy), dim=-1), mode="bilinear",
-                                            padding_mode="border", align_corners=False)[:, 0]
-        fade_x = (1.0 - torch.maximum(bx0 - px, px - (bx0 + sx)).clamp(min=0.0)).clamp(min=0.0)
-        fade_y = (1.0 - torch.maximum(by0 - py, py - (by0 + sy)).clamp(min=0.0)).clamp(min=0.0)
-        sampled = sampled * fade_y[:, :, None] * fade_x[:, None, :]
+        sampled = None
+        if ky and kx:  # else every box of the group misses the window
+            px = xa[index, None].to(masks.dtype) + torch.arange(kx, dtype=masks.dtype, device=masks.device)
+            py = ya[index, None].to(masks.dtype) + torch.arange(ky, dtype=masks.dtype, device=masks.device)
+            bx0, by0 = x0[index, None], y0[index, None]
+            sx, sy = span_x[index, None], span_y[index, None]
+            gx = ((px - bx0) * (2.0 / sx) - 1.0)[:, None, :].expand(-1, ky, -1)
+            gy = ((py - by0) * (2.0 / sy) - 1.0)[:, :, None].expand(-1, -1, kx)
+            sampled = nn.functional.grid_sample(masks[index], torch.stack((gx, gy), dim=-1), mode="bilinear",
+                                                padding_mode="border", align_corners=False)[:, 0]
+            fade_x = (1.0 - torch.maximum(bx0 - px, px - (bx0 + sx)).clamp(min=0.0)).clamp(min=0.0)
+            fade_y = (1.0 - torch.maximum(by0 - py, py - (by0 + sy)).clamp(min=0.0)).clamp(min=0.0)
+            sampled = sampled * fade_y[:, :, None] * fade_x[:, None, :]
         for j, i in enumerate(index.tolist()):
             h, w = int(sizes_y[i]), int(sizes_x[i])
             if h == 0 or w == 0:
@@ -400,8 +398,8 @@ def _roi_pool(output_size):
     power of two (a 40-px-high tile padded to 64 gives 16/40 -> 1/2, not 1/4),
     and the first batch would fix it for the model's lifetime.  The strides are
     known, so they are set here. The pooling itself is `roi_align`'s batched
-    matrix products (`deblend.models.roi_align`), 1.5-2x as fast on a CPU as
-    torchvision's single-threaded kernel and equal to it up to float rounding.
+    matrix products (`deblend.models.roi_align`), which use every core where
+    torchvision's CPU kernel uses one, and equal it up to float rounding.
     """
     pool = SeparableMultiScaleRoIAlign(
         featmap_names=[str(i) for i in range(len(_FEATURE_STRIDES))],

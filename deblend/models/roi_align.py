@@ -104,7 +104,7 @@ def _roi_align_hwc(features, rois, output_size, spatial_scale, sampling_ratio):
                              tuple(p[index] for p in x_parts), output_size, sampling_ratio, ky, kx)
         if out is None:
             return group
-        out = out.index_copy(0, index, group)
+        out.index_copy_(0, index, group)
     return out
 
 
@@ -159,6 +159,6 @@ class SeparableMultiScaleRoIAlign(MultiScaleRoIAlign):
         result = features[0].new_empty((len(rois), size, size, features[0].shape[1]))
         for level in present:
             index = torch.nonzero(levels == level).flatten()
-            result = result.index_copy(0, index, _roi_align_hwc(features[level], rois[index], size,
-                                                                self.scales[level], self.sampling_ratio))
+            result.index_copy_(0, index, _roi_align_hwc(features[level], rois[index], size,
+                                                         self.scales[level], self.sampling_ratio))
         return result.permute(0, 3, 1, 2)
