@@ -70,6 +70,9 @@ class Deblender:
         Seed for any randomness (kept for the neural methods).
     device : str, optional
         ``'cpu'`` or ``'cuda'`` (neural methods).
+    half : bool, optional
+        Run the networks in float16 (`deblend.models.precision`): faster on
+        a GPU, outputs equal up to rounding; CUDA devices only.
     weights : str or os.PathLike, optional
         Mask R-CNN weights: a shipped name or a ``.pt`` file. Default: the
         shipped ``mask_rcnn_small``.
@@ -108,7 +111,7 @@ class Deblender:
 
     def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
-                 device="cpu", weights=None, batch_size=4, window_size=256, overlap=48,
+                 device="cpu", half=False, weights=None, batch_size=4, window_size=256, overlap=48,
                  score_threshold=0.5, max_overlap=0.5, refine=None, n_samples=16, refine_weights=None,
                  save_samples=False, seg_err_scale=None, claim_threshold=None):
         if method not in METHODS:
@@ -120,6 +123,9 @@ class Deblender:
         self.filter_size = filter_size
         self.seed = seed
         self.device = device
+        from deblend.models.precision import check_half
+
+        self.half = check_half(half, device)
         self.weights_id = None
         self.model = None
         self.refiner = None
@@ -185,7 +191,7 @@ class Deblender:
         """The configuration as a JSON-serialisable dict (for manifests and provenance)."""
         return {"method": self.method, "options": dict(self.options), "box_size": self.box_size,
                 "filter_size": self.filter_size, "seed": self.seed, "weights": self.weights_id,
-                "refine": self.refine, "n_samples": self.n_samples if self.refine else None,
+                "half": self.half, "refine": self.refine, "n_samples": self.n_samples if self.refine else None,
                 "seg_err_scale": self.seg_err_scale, "claim_threshold": self.claim_threshold}
 
     def run(self, image, **read_options):
@@ -226,7 +232,7 @@ class Deblender:
                 [prepared.detection[np.newaxis], prepared.data])
             refinement = refine_blends(normalized, labels, flux_images, model=self.refiner,
                                        mask=prepared.mask, n_samples=self.n_samples, seed=self.seed,
-                                       device=self.device, save_samples=self.save_samples,
+                                       device=self.device, half=self.half, save_samples=self.save_samples,
                                        claim_threshold=self.claim_threshold)
             labels = refinement.labels
         catalog = make_catalog(prepared.data, labels, detection=prepared.detection,
@@ -255,7 +261,7 @@ class Deblender:
 
         opts = self.options
         instances = detect(normalized, model=self.model, mask=prepared.mask, window_size=opts["window_size"],
-                           overlap=opts["overlap"], batch_size=opts["batch_size"], device=self.device,
+                           overlap=opts["overlap"], batch_size=opts["batch_size"], device=self.device, half=self.half,
                            score_threshold=opts["score_threshold"])
         instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"])
         labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)

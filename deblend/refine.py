@@ -255,9 +255,11 @@ def _padded_batch(n):
     return -(-n // BATCH_BUCKET) * BATCH_BUCKET
 
 
-def _run_model(model, groups, *, n_samples, seed, device, batch_size):
+def _run_model(model, groups, *, n_samples, seed, device, batch_size, half=False):
     """Draw every pending member's samples, batching windows of equal size across groups."""
     import torch
+
+    from deblend.models.precision import autocast
 
     items = [(g, j) for g in groups for j in range(len(g.members))]
     latent = int(getattr(model, "latent_dim", 0))
@@ -282,8 +284,10 @@ def _run_model(model, groups, *, n_samples, seed, device, batch_size):
             eps = torch.cat([eps, eps.new_zeros((eps.shape[0], n_pad, eps.shape[2]))], dim=1)
             where = np.stack([g.where[j] for g, j in chunk])
             where = np.concatenate([where, np.zeros((n_pad, *where.shape[1:]), bool)])
-            probs = model.sample(x, n_samples=n_samples, seed=seed, noise=eps,
-                                 where=torch.from_numpy(where).to(device)).cpu().numpy()[:len(chunk)]
+            with autocast(device, half):
+                probs = model.sample(x, n_samples=n_samples, seed=seed, noise=eps,
+                                     where=torch.from_numpy(where).to(device))
+            probs = probs.float().cpu().numpy()[:len(chunk)]
             probs *= where[:len(chunk), None]  # whatever the model returns elsewhere
             for (g, j), p in zip(chunk, probs, strict=True):
                 g.probs[j] = p
@@ -291,7 +295,7 @@ def _run_model(model, groups, *, n_samples, seed, device, batch_size):
 
 def refine_blends(normalized, labels, data, *, model, positions=None, mask=None, n_samples=16, seed=0,
                   device="cpu", pad=8, max_size=256, batch_size=32, save_samples=False,
-                  claim_threshold=CLAIM_THRESHOLD):
+                  claim_threshold=CLAIM_THRESHOLD, half=False):
     """Re-segment every blend group with the probabilistic U-Net.
 
     Each member is seen through its own window (`CUTOUT` pixels, centred on it, as
@@ -330,12 +334,16 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         A pixel goes to the member claiming it most only if that claim (the
         sample's probability, or the mean over samples for the final map)
         exceeds this; in [0, 1).
+    half : bool, optional
+        Run the U-Net in float16 (`deblend.models.precision`); CUDA devices only.
 
     Returns
     -------
     Refinement
     """
     from scipy import ndimage
+
+    from deblend.models.precision import check_half
 
     labels = np.asarray(labels, dtype=np.int32)
     normalized = np.asarray(normalized, dtype=np.float32)
@@ -350,6 +358,7 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     threshold = check_claim_threshold(claim_threshold)
+    half = check_half(half, device)
     n = int(labels.max()) if labels.size else 0
     if positions is None:
         positions = source_positions(normalized, labels)
@@ -369,7 +378,8 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         starts = np.searchsorted(blend_id[order], np.arange(1, n_groups + 2))
 
         def flush(pending):
-            _run_model(model, pending, n_samples=n_samples, seed=seed, device=device, batch_size=batch_size)
+            _run_model(model, pending, n_samples=n_samples, seed=seed, device=device, batch_size=batch_size,
+                       half=half)
             for g in pending:  # in group order: a group may only take pixels earlier ones left free
                 state.assign(g)
 

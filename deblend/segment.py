@@ -39,6 +39,7 @@ from torchvision.ops import boxes as box_ops
 from tqdm.auto import tqdm
 
 from deblend.models.mask_rcnn import CLASS_NAMES, paste_mask_crops
+from deblend.models.precision import autocast, check_half
 from deblend.tiling import has_signal, iter_batches, make_windows
 
 __all__ = ["Instances", "detect", "suppress_duplicates", "instances_to_labels"]
@@ -163,8 +164,9 @@ def _postprocess_detections(roi_heads, class_logits, box_regression, proposals, 
     ``det_score``, and at most ``detections_per_img`` are kept.
     """
     boxes_per_image = [len(p) for p in proposals]
-    pred_boxes = roi_heads.box_coder.decode(box_regression, proposals)
-    probs = F.softmax(class_logits, -1)
+    # Geometry and scores in float32, whatever precision the heads ran in.
+    pred_boxes = roi_heads.box_coder.decode(box_regression.float(), [p.float() for p in proposals])
+    probs = F.softmax(class_logits.float(), -1)
     out = []
     for boxes, prob, shape in zip(pred_boxes.split(boxes_per_image, 0),
                                   probs.split(boxes_per_image, 0), image_shapes, strict=True):
@@ -251,7 +253,7 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None):
         mask_logits = _bucketed(lambda r: heads.mask_predictor(heads.mask_head(r)),
                                 heads.mask_roi_pool(features, mask_boxes, image_list.image_sizes))
         index = torch.arange(n_total, device=mask_logits.device)
-        mask_probs = mask_logits[index, torch.cat(labels)].sigmoid()[:, None]
+        mask_probs = mask_logits[index, torch.cat(labels)].float().sigmoid()[:, None]
         mask_probs = mask_probs.split([len(b) for b in mask_boxes], 0)
     else:
         mask_probs = [None] * len(per_image)
@@ -372,7 +374,7 @@ def _check_model_device(model, device):
 
 
 def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_size=4,
-           device="cpu", score_threshold=0.5, skip_empty=True, progress=False):
+           device="cpu", score_threshold=0.5, skip_empty=True, progress=False, half=False):
     """Detect and segment every source of an image with an instance segmenter.
 
     The image is cut into overlapping windows (`deblend.tiling.make_windows`);
@@ -420,6 +422,8 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
         Skip windows where `deblend.tiling.has_signal` finds nothing.
     progress : bool, optional
         Show a progress bar over the batches.
+    half : bool, optional
+        Run the network in float16 (`deblend.models.precision`); CUDA devices only.
 
     Returns
     -------
@@ -459,6 +463,7 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device must be e.g. 'cpu' or 'cuda', got {device!r}") from error
     _check_model_device(model, device)
+    half = check_half(half, device)
 
     windows = make_windows(image.shape, size=window_size, overlap=overlap)
     if skip_empty:
@@ -479,8 +484,9 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
                 tensor = torch.from_numpy(np.stack([image[w.slices] for w in batch]))
                 tensor = tensor[:, np.newaxis].to(device)
                 cores = [(w.cy0 - w.y0, w.cx0 - w.x0, w.cy1 - w.y0, w.cx1 - w.x0) for w in batch]
-                for window, found in zip(batch, forward(model, tensor, float(score_threshold), cores),
-                                         strict=True):
+                with autocast(device, half):
+                    found_per_window = forward(model, tensor, float(score_threshold), cores)
+                for window, found in zip(batch, found_per_window, strict=True):
                     parts.append(_keep_owned(found, window, bad))
     finally:
         model.train(was_training)

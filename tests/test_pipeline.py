@@ -216,6 +216,9 @@ def test_mask_rcnn_option_errors(untrained_weights):
         Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=64)
     with pytest.raises(FileNotFoundError, match="train_mask_rcnn"):
         Deblender("mask-rcnn", weights="/nonexistent/weights.pt")
+    with pytest.raises(ValueError, match="half=True needs a CUDA device"):
+        Deblender("mask-rcnn", weights=untrained_weights, half=True)
+    assert Deblender("mask-rcnn", weights=untrained_weights, refine=False).config()["half"] is False
 
 
 # ----------------------------------------------------------------------------- refinement

@@ -138,3 +138,12 @@ def test_sample_on_chosen_pixels_with_given_noise(model):
     assert not part[~where[:, None].expand_as(part)].any()
     with pytest.raises(ValueError, match="noise must have shape"):
         model.sample(x, n_samples=2, noise=noise)
+
+
+def test_sample_in_float16_matches_float32(model):
+    """Under float16 autocast (as --half on a GPU) the samples equal float32's up to rounding."""
+    x = torch.randn(2, 3, 16, 16)
+    full = model.sample(x, n_samples=4, seed=2)
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = model.sample(x, n_samples=4, seed=2)
+    torch.testing.assert_close(half.float(), full, atol=0.02, rtol=0)

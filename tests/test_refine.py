@@ -198,6 +198,8 @@ def test_argument_checks():
         with pytest.raises(ValueError, match="claim_threshold"):
             refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([1.0]),
                           claim_threshold=bad)
+    with pytest.raises(ValueError, match="half=True needs a CUDA device"):
+        refine_blends(np.zeros(labels.shape), labels, np.ones(labels.shape), model=DiscModel([1.0]), half=True)
 
 
 class FirstClaimsAllModel(DiscModel):

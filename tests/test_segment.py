@@ -271,6 +271,8 @@ def test_score_threshold_and_det_scores():
         ({"mask": np.zeros((3, 3), bool)}, "mask shape"),
         ({"device": "meta"}, "model is on cpu but device='meta'"),
         ({"device": "nonsense"}, "device must be e.g."),
+        ({"half": True}, "half=True needs a CUDA device, got device='cpu'"),
+        ({"half": 1}, "half must be True or False"),
     ],
 )
 def test_detect_validation(kwargs, match):
@@ -516,3 +518,35 @@ def test_masks_are_not_computed_for_detections_no_core_can_own(monkeypatch):
     for a, b in zip(trimmed.masks, full.masks, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
+
+
+def test_mask_rcnn_in_float16_keeps_boxes_scores_and_masks_in_float32():
+    """Under float16 autocast (as --half on a GPU) the heads run in float16, the geometry in float32.
+
+    Run here with CPU autocast, which exercises the same code path (slowly), with the shipped
+    weights on a corner of the sample tile: the same sources come out, boxes a fraction of a
+    pixel from float32's, masks equal up to rounding.
+    """
+    from deblend.io import read_image
+    from deblend.models.registry import DEFAULT_MASK_RCNN, load_mask_rcnn
+    from deblend.preprocess import prepare
+    from deblend.segment import _mask_rcnn_forward
+
+    model = load_mask_rcnn(DEFAULT_MASK_RCNN)
+    image = prepare(read_image("data/sample_0000.fits")).normalized()[:96, :96]
+    x = torch.from_numpy(np.nan_to_num(image).astype(np.float32))[None, None]
+    with torch.inference_mode():
+        full = _mask_rcnn_forward(model, x, 0.5)[0]
+        with torch.autocast("cpu", dtype=torch.float16):
+            half = _mask_rcnn_forward(model, x, 0.5)[0]
+    assert len(full.boxes) >= 5
+    assert half.boxes.dtype == np.float32 and half.det_score.dtype == np.float32
+    assert all(c.dtype == np.float32 for c, _, _ in half.crops)
+    gap = np.abs(full.boxes[:, None, :] - half.boxes[None]).max(axis=2)  # box to box, pixels
+    confident = full.det_score > 0.6  # not at the threshold, where rounding may flip a detection
+    assert (gap.min(axis=1)[confident] < 0.2).all()
+    assert abs(len(full.boxes) - len(half.boxes)) <= 1
+    for i in np.flatnonzero(confident):
+        a, b = full.crops[i][0], half.crops[gap[i].argmin()][0]
+        if a.shape == b.shape:
+            assert np.abs(a - b).max() < 0.05

@@ -239,27 +239,34 @@ class _MaskPredictor(MaskRCNNPredictor):
     the three layers are two matrix products over channels per input cell,
     and only the small logit map is rearranged into 28x28. Same parameters
     and state-dict keys. Used at inference (no autograd); training runs the
-    layers one by one.
+    layers one by one. Under autocast the products run in the precision of
+    the input (float16 with ``half=True``), as the layers would.
     """
 
     def forward(self, x):
-        up, out = self.conv5_mask, self.mask_fcn_logits
+        up = self.conv5_mask
         if (torch.is_grad_enabled() or up.kernel_size != (2, 2) or up.stride != (2, 2)
                 or up.padding != (0, 0) or up.groups != 1):
             return super().forward(x)  # training: layer by layer
+        with torch.autocast(x.device.type, enabled=False):  # in x's precision, as autocast would
+            return self._fused(x)
+
+    def _fused(self, x):
+        up, out = self.conv5_mask, self.mask_fcn_logits
         n, channels, height, width = x.shape
-        weight = up.weight.permute(0, 2, 3, 1).reshape(channels, -1)  # (C_in, 2 * 2 * hidden), hidden fastest
-        classes = out.weight.reshape(out.out_channels, -1).t()
+        # (C_in, 2 * 2 * hidden), hidden fastest
+        weight = up.weight.permute(0, 2, 3, 1).reshape(channels, -1).to(x.dtype)
+        classes = out.weight.reshape(out.out_channels, -1).t().to(x.dtype)
         cells = x.permute(0, 2, 3, 1).reshape(-1, channels)
         logits = x.new_empty((cells.shape[0] * 4, out.out_channels))
         # In chunks of cells, so the hidden layer stays in cache and is never a large new buffer.
         for start in range(0, cells.shape[0], _PREDICTOR_CHUNK):
             hidden = (cells[start : start + _PREDICTOR_CHUNK] @ weight).view(-1, up.out_channels)
             if up.bias is not None:
-                hidden += up.bias
+                hidden += up.bias.to(x.dtype)
             torch.mm(hidden.relu_(), classes, out=logits[4 * start : 4 * (start + _PREDICTOR_CHUNK)])
         if out.bias is not None:
-            logits += out.bias
+            logits += out.bias.to(x.dtype)
         logits = logits.view(n, height, width, 2, 2, out.out_channels).permute(0, 5, 1, 3, 2, 4)
         return logits.reshape(n, out.out_channels, 2 * height, 2 * width)
 
