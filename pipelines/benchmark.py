@@ -368,7 +368,7 @@ def _direct_refine_api(module, deblender):
             and getattr(deblender, "refiner", None) is not None and hasattr(deblender, "n_samples"))
 
 
-def make_deblenders(methods, *, device="cpu", batch_size=None):
+def make_deblenders(methods, *, device="cpu", batch_size=None, half=False):
     """``({label: Deblender}, refine)`` for the methods benchmarked.
 
     ``refine`` is ``{"status", "module", "mode"}``: mode ``"direct"`` (this script calls
@@ -383,9 +383,13 @@ def make_deblenders(methods, *, device="cpu", batch_size=None):
         kwargs = {}
         if method == "mask-rcnn":
             kwargs["device"] = device
+            if half:
+                kwargs["half"] = True
             if batch_size is not None:
                 kwargs["batch_size"] = batch_size
         label = method if method != "mask-rcnn" or device == "cpu" else f"mask-rcnn ({device})"
+        if method == "mask-rcnn" and half:
+            label = f"mask-rcnn ({device}, float16)"
         deblender = None
         if method == "mask-rcnn" and module is not None:
             try:
@@ -426,7 +430,7 @@ def time_mask_rcnn(path, deblender, outdir, refine=None, trim=True):
     with stage(stages, "detect", dev):
         instances = detect(normalized, model=deblender.model, mask=prepared.mask, window_size=opts["window_size"],
                            overlap=opts["overlap"], batch_size=opts["batch_size"], device=dev,
-                           score_threshold=opts["score_threshold"])
+                           score_threshold=opts["score_threshold"], half=getattr(deblender, "half", False))
     with stage(stages, "nms_labels", dev):
         instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"])
         labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)
@@ -439,7 +443,7 @@ def time_mask_rcnn(path, deblender, outdir, refine=None, trim=True):
             refinement = refine["module"].refine_blends(
                 normalized, labels, flux_images, model=deblender.refiner, mask=prepared.mask,
                 n_samples=deblender.n_samples, seed=deblender.seed, device=dev,
-                save_samples=getattr(deblender, "save_samples", False),
+                half=getattr(deblender, "half", False), save_samples=getattr(deblender, "save_samples", False),
                 **({} if threshold is None else {"claim_threshold": threshold}))
             labels = refinement.labels
     with stage(stages, "catalog", dev):
@@ -731,6 +735,32 @@ def count_flops(path, deblender):
                     "2 per multiply-add); RoIAlign, NMS, interpolation and element-wise ops are not counted"}
 
 
+def count_refine_flops(path, deblender):
+    """FLOPs of the probabilistic U-Net refining one image's blend groups (flop_counter).
+
+    The refine stage as `Deblender.run` calls it, on the labels of the Mask R-CNN stages;
+    per refined member (one U-Net window each, all samples) and per image megapixel.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deblend.refine import refine_blends
+
+    prepared = prepare(read_image(path), box_size=deblender.box_size, filter_size=deblender.filter_size)
+    normalized = prepared.normalized()
+    labels, _ = deblender._segment(prepared, normalized)
+    counter = FlopCounterMode(display=False, depth=None)
+    with counter:
+        refinement = refine_blends(normalized, labels, prepared.data, model=deblender.refiner, mask=prepared.mask,
+                                   n_samples=deblender.n_samples, seed=deblender.seed, device=deblender.device,
+                                   claim_threshold=deblender.claim_threshold)
+    ny, nx = labels.shape
+    n_refined = int(refinement.refined.sum())
+    gflop = counter.get_total_flops() / 1e9
+    return {"shape": [ny, nx], "n_sources": int(labels.max()), "n_refined": n_refined,
+            "n_samples": deblender.n_samples, "gflop": gflop, "gflop_per_image_mpix": gflop / (ny * nx / 1e6),
+            "mflop_per_member": 1e3 * gflop / n_refined if n_refined else None}
+
+
 # --------------------------------------------------------------------------- ablation
 
 
@@ -843,6 +873,16 @@ def ablation_variants(base_model, opts, *, quick=False, compile_=False):
     for pre, post in settings:
         variants.append((f"RPN pre/post-NMS top-n {pre}/{post}", "proposals",
                          lambda pre=pre, post=post: (_rpn(base_model, pre, post), {}, contextlib.nullcontext())))
+    pre0, post0 = base_model.rpn._pre_nms_top_n["testing"], base_model.rpn._post_nms_top_n["testing"]
+    det0 = base_model.roi_heads.detections_per_img
+    for size in ((384,) if quick else (384, 512)):
+        f = (size / window) ** 2  # proposals and detections scale with the window's area
+        variants.append((f"windows {size}² (default {window}²), overlap {opts['overlap']}; RPN top-n "
+                         f"{round(pre0 * f)}/{round(post0 * f)} and detections <= {round(det0 * f)} "
+                         "(scaled with the area)", "window size",
+                         lambda size=size, f=f: (_max_detections(_rpn(base_model, round(pre0 * f), round(post0 * f)),
+                                                                 round(det0 * f)),
+                                                 {"window_size": size}, contextlib.nullcontext())))
     if not quick:
         variants.append(("detections per window <= 100 (default 300)", "proposals",
                          lambda: (_max_detections(base_model, 100), {}, contextlib.nullcontext())))
@@ -936,7 +976,7 @@ def run_ablation(images, scenes, deblender, *, repeats=2, quick=False, compile_=
                         entry["labels"] = labels
                     row["images"][item["label"]] = entry
                 row["identical_to_baseline"] = identical if baseline is not None else True
-                if baseline is None or group == "proposals" or not identical:
+                if baseline is None or group in ("proposals", "window size") or not identical:
                     row["quality"] = score_quality(scenes, model, opts, kwargs)
                 else:
                     row["quality"] = "identical outputs on the benchmark images; not re-scored"
@@ -1051,9 +1091,14 @@ def summary_lines(results):
         row = next((r for r in f.get("achieved", []) if r.get("fraction") is not None
                     and r["threads"] == results["machine"]["torch_threads"]), None)
         if row:
-            out.append(f"- The network runs at {_fmt(row['detect_gflop_per_s'])} GFLOP/s, "
+            out.append(f"- The Mask R-CNN runs at {_fmt(row['detect_gflop_per_s'])} GFLOP/s, "
                        f"{100 * row['fraction']:.0f} % of this machine's float32 matmul rate "
                        f"({f['image']['gflop_per_image_mpix']:.0f} GFLOP per image megapixel).")
+        r = f.get("refine")
+        if r and r.get("fraction") is not None:
+            out.append(f"- The refine stage runs the probabilistic U-Net at {_fmt(r['gflop_per_s'])} GFLOP/s, "
+                       f"{100 * r['fraction']:.0f} % of the matmul rate ({r['gflop_per_image_mpix']:.0f} GFLOP per "
+                       f"image megapixel, {_fmt(r['mflop_per_member'])} MFLOP per refined source).")
     ab = results.get("ablation")
     if ab:
         first = next(iter(ab["windows"]))
@@ -1164,6 +1209,14 @@ def render_markdown(results):
             where = row.get("note", f"the detect stage of the {f['reference_image']} image")
             lines.append(f"| {row['threads']} | {row['matmul_gflop_per_s']:.1f} | "
                          f"{_fmt(row.get('detect_gflop_per_s'))} | {_fmt(row.get('fraction'))} | {where} |")
+        r = f.get("refine")
+        if r:
+            lines += ["", f"Probabilistic U-Net (refine stage) on the same {r['shape'][0]}×{r['shape'][1]} image: "
+                      f"{r['n_refined']} of {r['n_sources']} sources refined, {r['n_samples']} samples each, "
+                      f"{r['gflop']:.1f} GFLOP ({_fmt(r['mflop_per_member'])} MFLOP per refined source, "
+                      f"{r['gflop_per_image_mpix']:.1f} GFLOP per image megapixel); it runs at "
+                      f"{_fmt(r.get('gflop_per_s'))} GFLOP/s, {_fmt(r.get('fraction'))} of the matmul rate "
+                      "(the stage's time includes building the inputs and assigning the pixels)."]
     ab = results.get("ablation")
     if ab:
         labels = list(ab["windows"])
@@ -1206,8 +1259,8 @@ def render_markdown(results):
                          + f" | {setup} |")
     lines += ["", "### GPU", "", results.get("gpu_status", "not run"), ""]
     if results.get("gpu"):
-        gpu_methods = list(results["gpu"][0]["methods"])
-        lines += _image_rows(results["gpu"], gpu_methods, neural=gpu_methods[0])
+        for method in results["gpu"][0]["methods"]:  # float32, then float16 (--half)
+            lines += _image_rows(results["gpu"], [method], neural=method) + [""]
         lines += ["", "Ratios: GPU Mask R-CNN time over the CPU time of the classical methods on the same image."]
     if results.get("plot"):
         lines += ["", f"![time against image size and source density]({results['plot']})", ""]
@@ -1431,6 +1484,13 @@ def main(argv=None):
                 row["fraction"] = row["detect_gflop_per_s"] / row["matmul_gflop_per_s"]
             flops["achieved"].append(row)
         flops["reference_image"] = ref["image"]
+        if refine.get("mode") == "direct" and getattr(mask_rcnn, "refiner", None) is not None:
+            flops["refine"] = count_refine_flops(ref_info["path"], mask_rcnn)
+            refine_seconds = ref["methods"]["mask-rcnn"]["stages"].get("refine", {}).get("seconds")
+            if refine_seconds:
+                flops["refine"]["gflop_per_s"] = flops["refine"]["gflop"] / refine_seconds
+                flops["refine"]["fraction"] = flops["refine"]["gflop_per_s"] / next(
+                    mm["flop_per_s"] / 1e9 for mm in results["matmul"] if mm["threads"] == threads_used)
         results["flops"] = flops
 
         if args.ablation:
@@ -1454,6 +1514,7 @@ def main(argv=None):
     want_cuda = args.device in ("auto", "cuda")
     if want_cuda and torch.cuda.is_available() and "mask-rcnn" in args.methods:
         gpu_deblenders, gpu_refine = make_deblenders(["mask-rcnn"], device="cuda")
+        gpu_deblenders.update(make_deblenders(["mask-rcnn"], device="cuda", half=True)[0])  # --half
         _warm_up(gpu_deblenders, workdir)
         results["gpu"] = []
         for size in args.sizes:
@@ -1467,7 +1528,8 @@ def main(argv=None):
                 merged = {k: v for k, v in cpu["methods"].items() if not k.startswith("mask-rcnn")}
                 r["ratios"] = _ratios({**r["methods"], **merged})
             results["gpu"].append(r)
-        results["gpu_status"] = (f"Mask R-CNN on {torch.cuda.get_device_name(0)} (`--device cuda`); the other "
+        results["gpu_status"] = (f"Mask R-CNN on {torch.cuda.get_device_name(0)} (`--device cuda`, in float32 and "
+                                 "in float16 with `--half`); the other "
                                  "stages stay on the CPU.")
     elif args.device == "cpu":
         results["gpu_status"] = "Skipped: --device cpu."
