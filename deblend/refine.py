@@ -102,6 +102,8 @@ def refine_input(normalized, target, others):
 def source_positions(normalized, labels, *, smooth=1.0):
     """Position ``(x, y)`` of each label's source: the peak of the smoothed image inside its segment.
 
+    On a plateau the first pixel in C order is the peak; a label without pixels gets ``(0, 0)``.
+
     Parameters
     ----------
     normalized : ndarray, shape (ny, nx)
@@ -120,8 +122,16 @@ def source_positions(normalized, labels, *, smooth=1.0):
     if n == 0:
         return np.zeros((0, 2))
     image = ndimage.gaussian_filter(np.nan_to_num(np.asarray(normalized, np.float32)), smooth)
-    peaks = ndimage.maximum_position(image, labels, index=np.arange(1, n + 1))
-    return np.array([(x, y) for y, x in peaks], dtype=np.float64)
+    # ndimage.maximum_position, label by label inside each segment's box (it sorts every pixel
+    # of the image instead); ties go to the first pixel in C order.
+    out = np.zeros((n, 2))
+    for k, box in enumerate(ndimage.find_objects(labels, max_label=n)):
+        if box is None:  # no pixel: (0, 0)
+            continue
+        values = np.where(labels[box] == k + 1, image[box], -np.inf)
+        y, x = np.unravel_index(np.argmax(values), values.shape)
+        out[k] = (x + box[1].start, y + box[0].start)
+    return out
 
 
 def find_blend_groups(labels):

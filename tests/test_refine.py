@@ -94,6 +94,27 @@ def test_source_positions_are_segment_peaks():
     np.testing.assert_array_equal(source_positions(image, labels), [[6, 5], [15, 14]])
 
 
+def test_source_positions_equal_scipy_maximum_position():
+    """Label by label in each segment's box, as ndimage.maximum_position over the whole image.
+
+    Interleaved, non-convex segments and a label without pixels (position (0, 0)); on a
+    plateau the first pixel in C order wins (scipy's choice among equal values is its sort's).
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(40, 50)).astype(np.float32)
+    labels = rng.integers(0, 6, size=(40, 50)).astype(np.int32)
+    labels[labels == 4] = 0  # label 4 has no pixel
+    labels[8:16, 8:16] = 2
+    smoothed = ndimage.gaussian_filter(image, 1.0)
+    expected = [(x, y) for y, x in ndimage.maximum_position(smoothed, labels, index=np.arange(1, 6))]
+    np.testing.assert_array_equal(source_positions(image, labels), expected)
+    plateau = np.zeros((10, 10), np.float32)
+    plateau[3:6, 4:8] = 1.0
+    np.testing.assert_array_equal(source_positions(plateau, np.ones((10, 10), np.int32), smooth=0.0), [[4, 3]])
+
+
 def test_refine_joint_assignment_with_known_samples():
     labels, pos = two_blobs()
     data = np.ones((1, *labels.shape), np.float32)
