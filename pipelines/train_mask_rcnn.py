@@ -49,7 +49,7 @@ from deblend.models import (
     set_test_proposals,
     with_mask_head,
 )
-from deblend.models.mask_rcnn import MASK_BRANCH
+from deblend.models.mask_rcnn import BOX_BRANCH, MASK_BRANCH
 from deblend.training import (
     ConditionRanges,
     TrainConfig,
@@ -114,8 +114,11 @@ def main():
     p.add_argument("--mask-head-channels", default=None,
                    help="comma-separated widths of a new mask head (e.g. 32,32), replacing the --init-from "
                         "model's; everything else keeps its weights")
-    p.add_argument("--train-only", choices=("all", "mask"), default="all",
-                   help="'mask': train the mask head and predictor only, everything else frozen")
+    p.add_argument("--train-only", choices=("all", "mask", "box"), default="all",
+                   help="'mask' or 'box': train that branch's head and predictor only, everything else frozen "
+                        "('box' retrains the detection scores, classes and boxes; masks stay as they are)")
+    p.add_argument("--box-batch-size", type=int, default=TrainConfig.box_batch_size_per_image,
+                   help="proposals sampled per training image for the box head (torchvision: 512)"),
     p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
                    help="RPN proposals the saved model keeps at inference, before/after NMS (training unaffected)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
@@ -151,11 +154,11 @@ def main():
         channels = tuple(int(c) for c in args.mask_head_channels.split(","))
         model = with_mask_head(model, channels, seed=args.seed)
         init_from["new_mask_head_channels"] = list(channels)
-    if args.train_only == "mask":
-        n = freeze_except(model, MASK_BRANCH)
-        log.info("training the mask branch only: %d parameters", n)
+    if args.train_only != "all":
+        n = freeze_except(model, {"mask": MASK_BRANCH, "box": BOX_BRANCH}[args.train_only])
+        log.info("training the %s branch only: %d parameters", args.train_only, n)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      max_minutes=args.max_minutes or None)
+                      max_minutes=args.max_minutes or None, box_batch_size_per_image=args.box_batch_size)
     result = train_mask_rcnn(model, train, val_examples=val, config=cfg,
                              checkpoint_dir=args.checkpoints, resume=not args.no_resume,
                              device=args.device)

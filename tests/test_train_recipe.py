@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from deblend.models import build_mask_rcnn, load_weights, model_config
-from deblend.models.mask_rcnn import MASK_BRANCH
+from deblend.models.mask_rcnn import BOX_BRANCH, MASK_BRANCH
 from deblend.models.weights import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,9 +26,17 @@ def _train(tmp_path, out, *extra):
     return json.loads(out.with_suffix(".json").read_text())
 
 
-def test_two_stage_recipe_records_its_first_stage(tmp_path):
-    stage1, stage2 = tmp_path / "stage1.pt", tmp_path / "stage2.pt"
-    card1 = _train(tmp_path, stage1, "--checkpoints", str(tmp_path / "ck1"), "--seed", "3")
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """A tiny first stage (seed 3), shared by the later-stage tests: ``(weights path, card)``."""
+    tmp_path = tmp_path_factory.mktemp("stage1")
+    path = tmp_path / "stage1.pt"
+    return path, _train(tmp_path, path, "--checkpoints", str(tmp_path / "ck1"), "--seed", "3")
+
+
+def test_two_stage_recipe_records_its_first_stage(tmp_path, stage1):
+    stage1, card1 = stage1
+    stage2 = tmp_path / "stage2.pt"
     assert card1["recipe"]["init_from"] is None
     assert card1["sha256"] == sha256_file(stage1)
 
@@ -50,9 +59,8 @@ def test_two_stage_recipe_records_its_first_stage(tmp_path):
     assert 0 < to_first < 0.01 * to_fresh
 
 
-def test_mask_head_stage_changes_only_the_mask_branch(tmp_path):
-    stage1, stage2 = tmp_path / "stage1.pt", tmp_path / "stage2.pt"
-    _train(tmp_path, stage1, "--checkpoints", str(tmp_path / "ck1"), "--seed", "3")
+def test_mask_head_stage_changes_only_the_mask_branch(tmp_path, stage1):
+    stage1, stage2 = stage1[0], tmp_path / "stage2.pt"
     card = _train(tmp_path, stage2, "--checkpoints", str(tmp_path / "ck2"), "--init-from", str(stage1),
                   "--mask-head-channels", "16,16", "--train-only", "mask", "--rpn-test-top-n", "700,350")
     assert card["recipe"]["trained_parts"] == "mask"
@@ -66,3 +74,15 @@ def test_mask_head_stage_changes_only_the_mask_branch(tmp_path):
     for key, value in second.state_dict().items():
         if not key.startswith(MASK_BRANCH):
             assert torch.equal(value, old[key]), key  # frozen, BatchNorm statistics included
+
+
+def test_box_stage_changes_only_the_box_branch(tmp_path, stage1):
+    stage1, stage2 = stage1[0], tmp_path / "stage2.pt"
+    card = _train(tmp_path, stage2, "--checkpoints", str(tmp_path / "ck2"), "--init-from", str(stage1),
+                  "--train-only", "box", "--box-batch-size", "32")
+    assert card["recipe"]["trained_parts"] == "box"
+    assert card["recipe"]["train_config"]["box_batch_size_per_image"] == 32
+    first, second = load_weights(stage1), load_weights(stage2)
+    old = second.state_dict()
+    changed = {key for key, value in first.state_dict().items() if not torch.equal(value, old[key])}
+    assert changed and all(key.startswith(BOX_BRANCH) for key in changed)

@@ -742,6 +742,8 @@ def set_test_proposals(model, pre_nms_top_n, post_nms_top_n):
 
 #: State-dict prefixes of the mask branch (head and predictor), replaced by :func:`with_mask_head`.
 MASK_BRANCH = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
+#: State-dict prefixes of the box branch (head and predictor): detection scores, classes and boxes.
+BOX_BRANCH = ("roi_heads.box_head.", "roi_heads.box_predictor.")
 
 
 def with_mask_head(model, mask_head_channels, *, seed=0):
