@@ -123,9 +123,11 @@ class Deblender:
         self.filter_size = filter_size
         self.seed = seed
         self.device = device
-        from deblend.models.precision import check_half
+        if half is not False:  # the default needs no check (nor the torch import the check brings)
+            from deblend.models.precision import check_half
 
-        self.half = check_half(half, device)
+            half = check_half(half, device)
+        self.half = half
         self.weights_id = None
         self.model = None
         self.refiner = None
