@@ -49,7 +49,7 @@ def main():
         instances = detect(prepared.normalized(), model=model, mask=prepared.mask, score_threshold=0.3)
         scenes.append((scene, cfg, prepared, instances))
     lines = []
-    for score in (0.3, 0.4, 0.5, 0.6, 0.7):
+    for score in (0.3, 0.5, 0.7):
         for max_overlap in (0.3, 0.5, 0.7, 1.0):
             results = []
             for scene, cfg, prepared, instances in scenes:
