@@ -1528,9 +1528,9 @@ def main(argv=None):
                 merged = {k: v for k, v in cpu["methods"].items() if not k.startswith("mask-rcnn")}
                 r["ratios"] = _ratios({**r["methods"], **merged})
             results["gpu"].append(r)
-        results["gpu_status"] = (f"Mask R-CNN on {torch.cuda.get_device_name(0)} (`--device cuda`, in float32 and "
-                                 "in float16 with `--half`); the other "
-                                 "stages stay on the CPU.")
+        results["gpu_status"] = (f"Mask R-CNN and the probabilistic U-Net on {torch.cuda.get_device_name(0)} "
+                                 "(`--device cuda`, in float32 and in float16 with `--half`); reading, "
+                                 "preprocessing, the catalog and writing stay on the CPU.")
     elif args.device == "cpu":
         results["gpu_status"] = "Skipped: --device cpu."
     else:
