@@ -91,8 +91,11 @@ def estimate_background(image, *, box_size=64, filter_size=3, mask=None):
 
     SEP's SExtractor-style mesh estimator (sigma-clipped mode in boxes,
     median-filtered and spline-interpolated); a single sigma-clipped level for
-    images too small for a mesh. When the image carries a variance plane, its
-    square root is used as σ.
+    images too small for a mesh. σ is measured the same way on the image
+    minus that level, so that a sky gradient does not count as noise (one of
+    0.3 of the sky across a 256-pixel image spreads each 64-pixel box by
+    several σ). When the image carries a variance plane, its square root is
+    used as σ.
 
     Parameters
     ----------
@@ -136,9 +139,11 @@ def estimate_background(image, *, box_size=64, filter_size=3, mask=None):
             med, std = _global_background(band, bad)
             level[b], rms[b] = med, std
         else:
-            bkg = sep.Background(band, mask=bad, bw=bw, bh=bh, fw=int(filter_size), fh=int(filter_size))
-            level[b] = bkg.back()
-            rms[b] = bkg.rms()
+            mesh = {"mask": bad, "bw": bw, "bh": bh, "fw": int(filter_size), "fh": int(filter_size)}
+            level[b] = sep.Background(band, **mesh).back()
+            # σ from what the level leaves: a sky gradient across a box would add to its scatter
+            residual = np.ascontiguousarray(band - level[b], dtype=band.dtype)
+            rms[b] = sep.Background(residual, **mesh).rms()
         if image.variance is not None:
             rms[b] = np.sqrt(image.variance[b])
         good_rms = rms[b][~bad & (rms[b] > 0)]

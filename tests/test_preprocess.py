@@ -30,6 +30,18 @@ def test_flat_sky_level_and_sigma(rng, shape):
     assert np.median(bkg.rms) == pytest.approx(3.0, rel=0.05)
 
 
+def test_sky_gradient_is_level_not_noise(rng):
+    """A steep linear sky: the level follows it, and σ is the pixel noise, not the spread of the ramp in a box."""
+    ny, nx = 192, 256
+    x = np.arange(nx)[None, :] / (nx - 1)
+    sky = 100.0 * (1.0 + 0.3 * (x - 0.5))  # 30 counts across the image: 7.5 per 64-pixel box, 15 sigma
+    data = (sky + rng.normal(0.0, 0.5, (ny, nx))).astype(np.float32)
+    bkg = estimate_background(data, box_size=64)
+    assert np.median(np.abs(bkg.level[0] - sky)) < 0.1
+    assert bkg.global_rms[0] == pytest.approx(0.5, rel=0.05)
+    assert np.median(bkg.rms) == pytest.approx(0.5, rel=0.05)
+
+
 def test_background_ignores_sources(make_scene):
     data = make_scene(shape=(128, 128), sources=[(40, 40, 500, 3), (90, 80, 800, 4)], sky=50.0,
                       noise=2.0)
