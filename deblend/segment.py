@@ -3,8 +3,10 @@
 `detect` cuts the normalised detection image into overlapping windows
 (`deblend.tiling.make_windows`), runs the model on batches of them, and keeps
 each detection from the one window whose *core* holds its centre, so a source
-seen by several windows is kept once. `instances_to_labels` resolves the
-overlapping soft masks into one label map.
+seen by several windows is kept once. A crowded window, one that has used
+up the network's budget of region proposals, is run again as smaller windows
+over its core (`crowded_limit`, `deblend.tiling.split_window`).
+`instances_to_labels` resolves the overlapping soft masks into one label map.
 
 Torch is used inside; arguments and results are numpy.
 
@@ -29,6 +31,7 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from numbers import Integral, Real
 
 import numpy as np
@@ -40,11 +43,16 @@ from tqdm.auto import tqdm
 
 from deblend.models.mask_rcnn import CLASS_NAMES, paste_mask_crops
 from deblend.models.precision import autocast, check_half
-from deblend.tiling import has_signal, iter_batches, make_windows
+from deblend.tiling import has_signal, iter_batches, make_windows, split_window
 
-__all__ = ["Instances", "detect", "suppress_duplicates", "instances_to_labels"]
+__all__ = ["Instances", "detect", "crowded_limit", "suppress_duplicates", "instances_to_labels"]
 
 log = logging.getLogger(__name__)
+
+#: A window is crowded when it returns this fraction of its RPN proposals as detections (`crowded_limit`).
+CROWDED_FRACTION = 0.5
+#: Crowded windows are split into windows of half their size, but not below this many pixels.
+MIN_SPLIT_SIZE = 64
 
 
 @dataclass
@@ -139,6 +147,7 @@ class _WindowDetections:
     class_prob: np.ndarray  # (n,) float32
     det_score: np.ndarray  # (n,) float32
     crops: list  # n tuples (float32 2-D array, y0, x0)
+    n_found: int = 0  # detections above the threshold before any were dropped as another window's
 
 
 def _is_int(value):
@@ -240,6 +249,7 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None):
     # Drop what the caller would drop before the (costlier) mask head.
     per_image = [tuple(t[d >= score_threshold] for t in (b, lab, c, d))
                  for b, lab, c, d in per_image]
+    n_found = [len(b) for b, _, _, _ in per_image]
     if cores is not None:  # and what another window will keep
         kept = []
         for found, core in zip(per_image, cores, strict=True):
@@ -261,11 +271,11 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None):
     results = model.transform.postprocess([{"boxes": b} for b in mask_boxes],
                                           image_list.image_sizes, sizes)
     out = []
-    for result, (_, lab, cls, det), probs, size in zip(results, per_image, mask_probs, sizes,
-                                                       strict=True):
+    for result, (_, lab, cls, det), probs, size, n in zip(results, per_image, mask_probs, sizes, n_found,
+                                                          strict=True):
         boxes = result["boxes"]
         crops = [] if probs is None else paste_mask_crops(probs, boxes, size)
-        out.append(_to_numpy(boxes, lab, cls, det, crops))
+        out.append(_to_numpy(boxes, lab, cls, det, crops, n_found=n))
     return out
 
 
@@ -297,12 +307,14 @@ def _generic_forward(model, images, score_threshold, cores=None):
                 xa = max(min([bx0] + xs[:1]), 0)
                 xb = min(max([bx1] + xs[-1:]) + 1, width)
                 crops.append((masks[i, ya:yb, xa:xb].float(), ya, xa))
-        out.append(_to_numpy(boxes, result["labels"][keep], scores[keep], det[keep], crops))
+        out.append(_to_numpy(boxes, result["labels"][keep], scores[keep], det[keep], crops,
+                             n_found=len(boxes)))
     return out
 
 
-def _to_numpy(boxes, labels, class_prob, det_score, crops):
+def _to_numpy(boxes, labels, class_prob, det_score, crops, *, n_found):
     return _WindowDetections(
+        n_found=int(n_found),
         boxes=boxes.detach().float().cpu().numpy().reshape(-1, 4),
         labels=labels.detach().cpu().numpy().astype(np.int64),
         class_prob=class_prob.detach().float().cpu().numpy(),
@@ -374,7 +386,8 @@ def _check_model_device(model, device):
 
 
 def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_size=4,
-           device="cpu", score_threshold=0.5, skip_empty=True, progress=False, half=False):
+           device="cpu", score_threshold=0.5, skip_empty=True, progress=False, half=False,
+           split_crowded=True):
     """Detect and segment every source of an image with an instance segmenter.
 
     The image is cut into overlapping windows (`deblend.tiling.make_windows`);
@@ -424,6 +437,15 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
         Show a progress bar over the batches.
     half : bool, optional
         Run the network in float16 (`deblend.models.precision`); CUDA devices only.
+    split_crowded : bool, optional
+        Run crowded windows again as smaller windows (Mask R-CNN models
+        only). A window gets a fixed budget of region proposals, about two
+        per source; one that returns at least half as many detections
+        (`crowded_limit`) has used it up and loses sources. Such a window is
+        run again as windows of ``window_size // 2`` pixels over its core
+        (`deblend.tiling.split_window`), each with the whole budget, and
+        their detections replace its own. One level only; not below 64
+        pixels.
 
     Returns
     -------
@@ -472,29 +494,61 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
         todo = windows
     log.debug("detect: %d windows of %s, %d with signal", len(windows), windows[0].shape,
               len(todo))
-    forward = _mask_rcnn_forward if _is_mask_rcnn(model) else _generic_forward
-    parts = []
+    mask_rcnn = _is_mask_rcnn(model)
+    run = partial(_run_windows, model=model, forward=_mask_rcnn_forward if mask_rcnn else _generic_forward,
+                  image=image, bad=bad, batch_size=batch_size, device=device, half=half,
+                  score_threshold=float(score_threshold), progress=progress)
     was_training = bool(getattr(model, "training", False))
     model.eval()
     try:
         with torch.inference_mode():
-            batches = iter_batches(todo, batch_size)
-            for batch in tqdm(batches, total=math.ceil(len(todo) / batch_size), unit="batch",
-                              desc="detect", disable=not progress):
-                tensor = torch.from_numpy(np.stack([image[w.slices] for w in batch]))
-                tensor = tensor[:, np.newaxis].to(device)
-                cores = [(w.cy0 - w.y0, w.cx0 - w.x0, w.cy1 - w.y0, w.cx1 - w.x0) for w in batch]
-                with autocast(device, half):
-                    found_per_window = forward(model, tensor, float(score_threshold), cores)
-                for window, found in zip(batch, found_per_window, strict=True):
-                    parts.append(_keep_owned(found, window, bad))
+            found = run(todo, desc="detect")
+            limit = crowded_limit(model) if split_crowded and mask_rcnn else None
+            crowded = [] if limit is None else [w for w, n, _ in found if n >= limit]
+            if crowded and window_size // 2 >= MIN_SPLIT_SIZE:
+                size = window_size // 2
+                split = {w: split_window(w, image.shape, size=size, overlap=min(overlap, (size - 1) // 2))
+                         for w in crowded}
+                split = {w: pieces for w, pieces in split.items() if pieces != [w]}
+                pieces = [p for ps in split.values() for p in ps
+                          if not skip_empty or has_signal(image[p.slices], bad[p.slices])]
+                log.info("detect: %d crowded windows (>= %d detections) run again as %d windows of %d pixels",
+                         len(split), limit, len(pieces), size)
+                found = [f for f in found if f[0] not in split] + run(pieces, desc="detect (crowded)")
     finally:
         model.train(was_training)
-    instances = _concatenate(parts)
+    instances = _concatenate([part for _, _, part in found])
     order = np.lexsort((instances.centers[:, 0], instances.centers[:, 1]))
     log.info("detect: %d instances from %d of %d windows", len(instances), len(todo),
              len(windows))
     return instances.select(order)
+
+
+def crowded_limit(model):
+    """Detections at which a window of this Mask R-CNN counts as crowded: half its proposals.
+
+    Each source takes about two of the region proposals the RPN keeps per
+    window (``rpn_post_nms_top_n_test``); a window that returns half as many
+    detections has used up its budget, and more sources there are lost.
+    """
+    return max(1, int(CROWDED_FRACTION * model.rpn._post_nms_top_n["testing"]))
+
+
+def _run_windows(windows, *, model, forward, image, bad, batch_size, device, half, score_threshold, progress,
+                 desc):
+    """``(window, detections found, Instances it owns or None)`` for each window, in batches."""
+    out = []
+    batches = iter_batches(windows, batch_size)
+    for batch in tqdm(batches, total=math.ceil(len(windows) / batch_size), unit="batch", desc=desc,
+                      disable=not progress):
+        tensor = torch.from_numpy(np.stack([image[w.slices] for w in batch]))
+        tensor = tensor[:, np.newaxis].to(device)
+        cores = [(w.cy0 - w.y0, w.cx0 - w.x0, w.cy1 - w.y0, w.cx1 - w.x0) for w in batch]
+        with autocast(device, half):
+            found_per_window = forward(model, tensor, score_threshold, cores)
+        for window, found in zip(batch, found_per_window, strict=True):
+            out.append((window, found.n_found, _keep_owned(found, window, bad)))
+    return out
 
 
 def _clipped(instances, i, dims):

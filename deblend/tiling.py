@@ -21,7 +21,7 @@ from numbers import Integral, Real
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["Window", "make_windows", "iter_batches", "has_signal"]
+__all__ = ["Window", "make_windows", "split_window", "iter_batches", "has_signal"]
 
 # `has_signal` smooths with a Gaussian of about a typical PSF's σ (a rough matched filter):
 # it divides unit white noise to σ = 1 / (2 sqrt(pi) 1.5) = 0.19 (0.15 after the asinh stretch).
@@ -164,6 +164,40 @@ def make_windows(shape, *, size=256, overlap=48):
     cols = _axis_windows(nx, int(size), int(overlap))
     return [Window(y0, x0, y1, x1, cy0, cx0, cy1, cx1)
             for (y0, y1, cy0, cy1) in rows for (x0, x1, cx0, cx1) in cols]
+
+
+def split_window(window, shape, *, size, overlap):
+    """Re-tile one window's core with smaller windows.
+
+    The image is covered by `make_windows` with the smaller ``size``; every
+    small window whose core meets ``window``'s core is returned with its core
+    cut down to that intersection. The returned cores therefore tile exactly
+    ``window``'s core (each point owned once), and each lies inside its small
+    window's own core, so the stitching guarantee of `make_windows` holds
+    with the new ``overlap``. Where the small tiling cannot split anything
+    (an image no larger than ``size``), the result is ``[window]``.
+
+    Parameters
+    ----------
+    window : Window
+        A window of a tiling of an image of ``shape``.
+    shape : tuple of int
+        ``(ny, nx)`` of the image.
+    size, overlap : int
+        The smaller tiling (see `make_windows`).
+
+    Returns
+    -------
+    list of Window
+        Row-major order.
+    """
+    out = []
+    for f in make_windows(shape, size=size, overlap=overlap):
+        cy0, cy1 = max(window.cy0, f.cy0), min(window.cy1, f.cy1)
+        cx0, cx1 = max(window.cx0, f.cx0), min(window.cx1, f.cx1)
+        if cy0 < cy1 and cx0 < cx1:
+            out.append(Window(f.y0, f.x0, f.y1, f.x1, cy0, cx0, cy1, cx1))
+    return out
 
 
 def iter_batches(items, batch_size):

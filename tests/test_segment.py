@@ -8,8 +8,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from deblend.models.mask_rcnn import _paste_masks, build_mask_rcnn, paste_mask_crops
-from deblend.segment import ROI_BUCKET, Instances, _bucketed, detect, instances_to_labels
+from deblend.models.mask_rcnn import _paste_masks, build_mask_rcnn, paste_mask_crops, set_test_proposals
+from deblend.segment import ROI_BUCKET, Instances, _bucketed, crowded_limit, detect, instances_to_labels
 from deblend.tiling import make_windows
 
 
@@ -518,6 +518,46 @@ def test_masks_are_not_computed_for_detections_no_core_can_own(monkeypatch):
     for a, b in zip(trimmed.masks, full.masks, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
+
+
+def _window_sizes(model):
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    return seen
+
+
+def test_crowded_window_is_run_again_as_smaller_windows():
+    """A window that uses up its proposals is re-run as half-size windows over its core."""
+    model = build_mask_rcnn(seed=0).eval()
+    set_test_proposals(model, 60, 12)  # an untrained model at threshold 0 fills any budget
+    assert crowded_limit(model) == 6
+    sources = [(float(x), float(y), 25.0, 2.5) for x, y in [(40, 50), (120, 90), (200, 160), (90, 200)]]
+    image = _scene((240, 256), sources, seed=4)
+    kwargs = {"model": model, "overlap": 48, "score_threshold": 0.0, "skip_empty": False}
+    seen = _window_sizes(model)
+    split = detect(image, window_size=256, **kwargs)
+    assert seen[0] == (256, 256) and set(seen[1:]) == {(128, 128)}  # one window, then its pieces
+    # One window covers the image, so its pieces are the 128-pixel tiling: the same instances.
+    _assert_same(split, detect(image, window_size=128, split_crowded=False, **kwargs))
+    _check_well_formed(split, image.shape)
+    seen.clear()
+    whole = detect(image, window_size=256, split_crowded=False, **kwargs)
+    assert set(seen) == {(256, 256)}
+    assert len(whole) <= 12 < len(split)  # the one window's budget caps it; the pieces each have theirs
+
+
+def test_uncrowded_and_small_windows_are_not_split():
+    model = build_mask_rcnn(seed=0).eval()
+    image = _scene((240, 256), [(60.0, 60.0, 25.0, 2.5)], seed=4)
+    seen = _window_sizes(model)
+    detect(image, model=model, window_size=256, overlap=48, score_threshold=0.9, skip_empty=False)
+    assert set(seen) == {(256, 256)}  # few detections: not crowded
+    set_test_proposals(model, 60, 12)
+    n_images = []
+    model.backbone.register_forward_pre_hook(lambda m, args: n_images.append(args[0].shape[0]))
+    detect(image, model=model, window_size=96, overlap=16, score_threshold=0.0, skip_empty=False)
+    # crowded, but 48-pixel pieces would be too small: each window is run once
+    assert sum(n_images) == len(make_windows(image.shape, size=96, overlap=16))
 
 
 def test_mask_rcnn_in_float16_keeps_boxes_scores_and_masks_in_float32():

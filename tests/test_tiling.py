@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deblend.tiling import Window, has_signal, iter_batches, make_windows
+from deblend.tiling import Window, has_signal, iter_batches, make_windows, split_window
 
 
 def _core_counts(shape, windows):
@@ -126,6 +126,33 @@ def test_make_windows_validation(kwargs, match):
 def test_make_windows_accepts_numpy_ints():
     shape = np.zeros((np.int64(30), np.int32(40))).shape
     assert len(make_windows(shape, size=np.int64(16), overlap=np.int32(4))) > 1
+
+
+@pytest.mark.parametrize(("shape", "size", "overlap"), [((300, 512), 256, 48), ((700, 260), 256, 48),
+                                                     ((257, 999), 200, 30)])
+def test_split_window_tiles_each_core_with_smaller_windows(shape, size, overlap):
+    coarse = make_windows(shape, size=size, overlap=overlap)
+    fine_size, fine_overlap = size // 2, min(overlap, (size // 2 - 1) // 2)
+    fine_cores = {(f.y0, f.x0): f for f in make_windows(shape, size=fine_size, overlap=fine_overlap)}
+    everything = []
+    for w in coarse:
+        pieces = split_window(w, shape, size=fine_size, overlap=fine_overlap)
+        assert len(pieces) > 1
+        counts = _core_counts(shape, pieces)
+        inside = np.zeros(shape, bool)
+        inside[w.core_slices] = True
+        assert (counts[inside] == 1).all() and (counts[~inside] == 0).all()  # the core, once
+        for p in pieces:
+            f = fine_cores[(p.y0, p.x0)]  # a window of the finer tiling, its core cut down
+            assert (p.y1, p.x1) == (f.y1, f.x1)
+            assert f.cy0 <= p.cy0 < p.cy1 <= f.cy1 and f.cx0 <= p.cx0 < p.cx1 <= f.cx1
+        everything += pieces
+    assert (_core_counts(shape, everything) == 1).all()  # all windows split: the image, once
+
+
+def test_split_window_of_a_small_image_is_the_window_itself():
+    (w,) = make_windows((100, 120), size=256, overlap=48)
+    assert split_window(w, (100, 120), size=128, overlap=48) == [w]
 
 
 def test_iter_batches():
