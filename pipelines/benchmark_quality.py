@@ -58,6 +58,27 @@ def make_scenes(outdir, n, seed, shape, noise_correlation=0.0):
     return conditions
 
 
+def run_methods(truth, work, methods, **options):
+    """Deblend every scene of `truth` with each method into ``work / <method>``.
+
+    ``options`` go to `Deblender` for the mask-rcnn method (e.g. ``weights``).
+    Returns ``(seconds per method, prediction directories)``; a failed scene
+    is an error (a benchmark with missing scenes would not compare methods).
+    """
+    timings, pred_dirs = {}, []
+    for method in methods:
+        deblender = Deblender(method, **(options if method == "mask-rcnn" else {}))
+        out = Path(work) / method
+        t0 = time.perf_counter()
+        summary = run_batch([truth], out, deblender, progress=False)
+        timings[method] = time.perf_counter() - t0
+        if summary.failed:
+            raise RuntimeError(f"{method} failed on {len(summary.failed)} scenes: {summary.failed[0].error}")
+        pred_dirs.append(out)
+        log.info("%s: %d sources in %.1f s", method, summary.n_sources, timings[method])
+    return timings, pred_dirs
+
+
 def truth_footprint_reference(truth_dir, conditions):
     """Flux errors of the truth segmentation itself, measured as the pipeline measures segments.
 
@@ -131,17 +152,7 @@ def main():
     suffix = f"_corr{args.noise_correlation:g}" if args.noise_correlation else ""
     log.info("simulated %d scenes in %.0f s", args.n, time.perf_counter() - t0)
 
-    timings, pred_dirs = {}, []
-    for method in args.methods:
-        deblender = Deblender(method)
-        out = work / method
-        t0 = time.perf_counter()
-        summary = run_batch([truth], out, deblender, progress=False)
-        timings[method] = time.perf_counter() - t0
-        if summary.failed:
-            raise RuntimeError(f"{method} failed on {len(summary.failed)} scenes: {summary.failed[0].error}")
-        pred_dirs.append(out)
-        log.info("%s: %d sources in %.1f s", method, summary.n_sources, timings[method])
+    timings, pred_dirs = run_methods(truth, work, args.methods)
     results = compare_methods(pred_dirs, truth)
     by_column = {"segment_flux": results, "kron_flux": compare_methods(pred_dirs, truth, flux_column="kron_flux")}
     reference = truth_footprint_reference(truth, conditions)
