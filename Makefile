@@ -22,7 +22,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Recipe of the shipped Mask R-CNN weights (2-core CPU: about 2.6 hours; see the model card).
+# Recipe of the shipped Mask R-CNN weights (2-core CPU: about 4.3 hours in four stages; see the model card).
 train-mask-rcnn: $(STAMP)
 	$(BIN)/python pipelines/train_mask_rcnn.py --out runs/mask_rcnn_stage1.pt
 	$(BIN)/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage1.pt --n-train 5000 \

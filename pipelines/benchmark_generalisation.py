@@ -10,7 +10,7 @@ changes one thing from the quality benchmark's conditions (pixel scale
 0.15-0.3"/pix, PSF FWHM 0.5-1.0", noise sigma 0.5/1/2 in turn, 192x256
 pixels; fine pixels also get a 384x512 image, so that the field holds about as
 many sources), and the first row ('reference') changes nothing, so every row
-reads against it. Seeds 5000 + 10 k (k = condition index) are used nowhere else.
+reads against it. Seeds 7000 + 10 k and 7001 + 10 k (k = condition index) are used nowhere else.
 
 Usage (from the repository root):
     .venv/bin/python pipelines/benchmark_generalisation.py              # 24 scenes per condition, all methods
@@ -69,7 +69,7 @@ CONDITIONS = (
 
 def condition_config(condition, index, i):
     """Conditions and simulation seed of scene `i` of a condition (the `index`-th of CONDITIONS)."""
-    seed = 5000 + 10 * index
+    seed = 7000 + 10 * index
     rng = np.random.default_rng(scene_seed(seed, i))
     drawn = {"shape": SHAPE, "pixel_scale": float(rng.uniform(0.15, 0.3)),
              "psf_fwhm": float(rng.uniform(0.5, 1.0)), "noise_sigma": NOISE_LEVELS[i % 3]}
