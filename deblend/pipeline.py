@@ -86,6 +86,10 @@ class Deblender:
         Mask non-maximum suppression: an instance is dropped when more than
         this fraction of its mask is claimed by higher-scoring instances
         (see `deblend.segment.suppress_duplicates`); 1 disables it.
+    split_crowded : bool, optional
+        Run crowded windows again as windows of half the size, each with the
+        network's whole budget of region proposals (see
+        `deblend.segment.detect`). Costs time only where a window is crowded.
     refine : bool, optional
         Re-segment blend groups with the probabilistic U-Net
         (`deblend.refine`). Default: True for ``'mask-rcnn'``, False for the
@@ -112,8 +116,8 @@ class Deblender:
     def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
                  device="cpu", half=False, weights=None, batch_size=4, window_size=256, overlap=48,
-                 score_threshold=0.5, max_overlap=0.5, refine=None, n_samples=16, refine_weights=None,
-                 save_samples=False, seg_err_scale=None, claim_threshold=None):
+                 score_threshold=0.5, max_overlap=0.5, split_crowded=True, refine=None, n_samples=16,
+                 refine_weights=None, save_samples=False, seg_err_scale=None, claim_threshold=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         if int(n_samples) != n_samples or n_samples < 2:
@@ -155,7 +159,8 @@ class Deblender:
                 raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
             make_windows((window_size, window_size), size=window_size, overlap=overlap)  # validates both
             options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
-                           score_threshold=score_threshold, max_overlap=max_overlap)
+                           score_threshold=score_threshold, max_overlap=max_overlap,
+                           split_crowded=bool(split_crowded))
             self._load_model(weights)
         self.seg_err_scale = self.claim_threshold = None
         if self.refine:
@@ -264,7 +269,7 @@ class Deblender:
         opts = self.options
         instances = detect(normalized, model=self.model, mask=prepared.mask, window_size=opts["window_size"],
                            overlap=opts["overlap"], batch_size=opts["batch_size"], device=self.device, half=self.half,
-                           score_threshold=opts["score_threshold"])
+                           score_threshold=opts["score_threshold"], split_crowded=opts["split_crowded"])
         instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"])
         labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)
         return labels, instances.select(keep)

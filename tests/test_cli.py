@@ -380,3 +380,8 @@ def test_run_refinement_options(scene_file, tmp_path):
     assert args.refine is False and build_parser().parse_args(["run", "x.fits", "-o", "o"]).refine is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "x.fits", "-o", "o", "--refine", "--no-refine"])
+
+
+def test_no_split_crowded_flag():
+    assert build_parser().parse_args(["run", "x.fits", "-o", "o"]).split_crowded is True
+    assert build_parser().parse_args(["run", "x.fits", "-o", "o", "--no-split-crowded"]).split_crowded is False

@@ -205,6 +205,21 @@ def test_mask_rcnn_method_adds_class_columns(untrained_weights):
     assert result.weights_id and result.method == "mask-rcnn"
 
 
+def test_split_crowded_option_reaches_detect(untrained_weights, monkeypatch):
+    import deblend.segment
+
+    seen = []
+    real = deblend.segment.detect
+    monkeypatch.setattr(deblend.segment, "detect", lambda *a, **k: seen.append(k["split_crowded"]) or real(*a, **k))
+    image = np.random.default_rng(1).normal(0, 1, (64, 64)).astype(np.float32)
+    for flag in (True, False):
+        deblender = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16, refine=False,
+                              split_crowded=flag)
+        assert deblender.config()["options"]["split_crowded"] is flag  # recorded in the provenance
+        deblender.run(image)
+    assert seen == [True, False]
+
+
 def test_mask_rcnn_option_errors(untrained_weights):
     with pytest.raises(ValueError, match="classical methods only"):
         Deblender("mask-rcnn", weights=untrained_weights, thresh=2.0)
