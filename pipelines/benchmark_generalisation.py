@@ -15,6 +15,8 @@ reads against it. Seeds 7000 + 10 k and 7001 + 10 k (k = condition index) are us
 Usage (from the repository root):
     .venv/bin/python pipelines/benchmark_generalisation.py              # 24 scenes per condition, all methods
     .venv/bin/python pipelines/benchmark_generalisation.py --n 4 --conditions reference crowded
+    .venv/bin/python pipelines/benchmark_generalisation.py --conditions crowded --methods mask-rcnn \
+        --no-split-crowded --results pipelines/results/nosplit --figure pipelines/results/nosplit/g.png
 
 Writes pipelines/results/generalisation.json and generalisation.md (the README table) and
 docs/generalisation.png (F1 and blended recall per condition and method).
@@ -146,6 +148,8 @@ def main():
                    choices=[c.key for c in CONDITIONS])
     p.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
     p.add_argument("--weights", default=None, help="Mask R-CNN weights (default: the shipped ones)")
+    p.add_argument("--no-split-crowded", dest="split_crowded", action="store_false",
+                   help="Mask R-CNN without re-running crowded windows (to measure what that gains)")
     p.add_argument("--workdir", default="runs/benchmark_generalisation")
     p.add_argument("--results", default=str(ROOT / "pipelines" / "results"))
     p.add_argument("--figure", default=str(ROOT / "docs" / "generalisation.png"))
@@ -155,6 +159,8 @@ def main():
     if work.exists():
         shutil.rmtree(work)
     options = {"weights": args.weights} if args.weights else {}
+    if not args.split_crowded:
+        options["split_crowded"] = False
     rows = []
     for index, condition in enumerate(CONDITIONS):
         if condition.key not in args.conditions:
@@ -174,6 +180,7 @@ def main():
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"n_per_condition": args.n, "shape": list(SHAPE), "weights": args.weights or "shipped",
+               "split_crowded": args.split_crowded,
                "methods": args.methods, "conditions": rows}
     (out / "generalisation.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
     lines = markdown(rows, args.methods, args.n)
