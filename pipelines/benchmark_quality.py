@@ -58,25 +58,29 @@ def make_scenes(outdir, n, seed, shape, noise_correlation=0.0):
     return conditions
 
 
-def run_methods(truth, work, methods, **options):
-    """Deblend every scene of `truth` with each method into ``work / <method>``.
+def run_variants(truth, work, variants):
+    """Deblend every scene of `truth` with each ``{name: (method, Deblender options)}`` into ``work / name``.
 
-    ``options`` go to `Deblender` for the mask-rcnn method (e.g. ``weights``).
-    Returns ``(seconds per method, prediction directories)``; a failed scene
-    is an error (a benchmark with missing scenes would not compare methods).
+    Returns ``(seconds per name, prediction directories)``; a failed scene is
+    an error (a benchmark with missing scenes would not compare methods).
     """
     timings, pred_dirs = {}, []
-    for method in methods:
-        deblender = Deblender(method, **(options if method == "mask-rcnn" else {}))
-        out = Path(work) / method
+    for name, (method, options) in variants.items():
+        deblender = Deblender(method, **options)
+        out = Path(work) / name
         t0 = time.perf_counter()
         summary = run_batch([truth], out, deblender, progress=False)
-        timings[method] = time.perf_counter() - t0
+        timings[name] = time.perf_counter() - t0
         if summary.failed:
-            raise RuntimeError(f"{method} failed on {len(summary.failed)} scenes: {summary.failed[0].error}")
+            raise RuntimeError(f"{name} failed on {len(summary.failed)} scenes: {summary.failed[0].error}")
         pred_dirs.append(out)
-        log.info("%s: %d sources in %.1f s", method, summary.n_sources, timings[method])
+        log.info("%s: %d sources in %.1f s", name, summary.n_sources, timings[name])
     return timings, pred_dirs
+
+
+def run_methods(truth, work, methods, **options):
+    """`run_variants` with one variant per method; ``options`` go to the mask-rcnn method (e.g. ``weights``)."""
+    return run_variants(truth, work, {m: (m, options if m == "mask-rcnn" else {}) for m in methods})
 
 
 def truth_footprint_reference(truth_dir, conditions):

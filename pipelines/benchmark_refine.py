@@ -60,7 +60,7 @@ from deblend.simulate import read_truth, simulate_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pipelines"))
-from benchmark_quality import make_scenes, scene_config  # noqa: E402
+from benchmark_quality import make_scenes, run_variants, scene_config  # noqa: E402
 
 log = logging.getLogger("benchmark_refine")
 
@@ -286,22 +286,13 @@ def main():
     make_scenes(truth, args.n, args.seed, shape)
     names = sorted(f"bench_{i:04d}" for i in range(args.n))
     variants = {
-        "mask-rcnn": {"refine": False},
-        "mask-rcnn+prob-unet": {"refine": True, "refine_weights": args.prob_weights, "seg_err_scale": scale,
-                                "claim_threshold": threshold},
-        "mask-rcnn+det-unet": {"refine": True, "refine_weights": args.det_weights, "claim_threshold": det_threshold},
+        "mask-rcnn": ("mask-rcnn", {"refine": False}),
+        "mask-rcnn+prob-unet": ("mask-rcnn", {"refine": True, "refine_weights": args.prob_weights,
+                                              "seg_err_scale": scale, "claim_threshold": threshold}),
+        "mask-rcnn+det-unet": ("mask-rcnn", {"refine": True, "refine_weights": args.det_weights,
+                                             "claim_threshold": det_threshold}),
     }
-    timings, dirs = {}, []
-    for name, options in variants.items():
-        deblender = Deblender("mask-rcnn", **options)
-        out = work / name
-        t0 = time.perf_counter()
-        summary = run_batch([truth], out, deblender, progress=False)
-        timings[name] = time.perf_counter() - t0
-        if summary.failed:
-            raise RuntimeError(f"{name} failed on {len(summary.failed)} scenes: {summary.failed[0].error}")
-        dirs.append(out)
-        log.info("%s: %d sources in %.1f s", name, summary.n_sources, timings[name])
+    timings, dirs = run_variants(truth, work, variants)
     summaries = compare_methods(dirs, truth)
     results["pipeline"] = {}
     for name, res in zip(variants, summaries, strict=True):
