@@ -152,6 +152,8 @@ def sep_labels(detection, rms, *, mask=None, thresh=1.5, minarea=5, filter_kerne
             raise RuntimeError(f"sep ran out of internal buffers on a {data.shape} image ({exc}); "
                                "raise thresh or process the image in tiles") from exc
         raise
+    if mask is not None:  # sep can label masked pixels next to a source (its filter reaches them)
+        seg[mask] = 0
     return relabel_consecutive(seg)
 
 

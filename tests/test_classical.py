@@ -152,3 +152,23 @@ def test_invalid_parameters(labeller, kwargs, name):
     data = np.zeros((16, 16), np.float32)
     with pytest.raises(ValueError, match=rf"{name} must be .*got"):
         labeller(data, np.ones_like(data), **kwargs)
+
+
+def test_sep_never_labels_masked_pixels():
+    """Regression (found by tests/test_fuzz.py): sep labelled masked pixels beside a faint source.
+
+    The 18x23 image has two infinite columns; its noise σ is tiny, so the
+    filtered light of a source reached the masked column above threshold.
+    """
+    import warnings
+    from pathlib import Path
+
+    from deblend.pipeline import Deblender
+
+    array = np.load(Path(__file__).parent / "data" / "sep_labels_masked_column.npy")
+    masked = ~np.isfinite(np.asarray(array, dtype=np.float32))
+    assert masked.any() and not masked.all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the σ floor warning of a near-constant image
+        result = Deblender("sep").run(array)
+    assert result.labels.max() > 0 and not result.labels[masked].any()
