@@ -139,11 +139,16 @@ def estimate_background(image, *, box_size=64, filter_size=3, mask=None):
             med, std = _global_background(band, bad)
             level[b], rms[b] = med, std
         else:
-            mesh = {"mask": bad, "bw": bw, "bh": bh, "fw": int(filter_size), "fh": int(filter_size)}
-            level[b] = sep.Background(band, **mesh).back()
+            mesh = {"bw": bw, "bh": bh, "fw": int(filter_size), "fh": int(filter_size)}
+            first = sep.Background(band, mask=bad, **mesh)
+            level[b] = first.back()
             # σ from what the level leaves: a sky gradient across a box would add to its scatter
-            residual = np.ascontiguousarray(band - level[b], dtype=band.dtype)
-            rms[b] = sep.Background(residual, **mesh).rms()
+            with np.errstate(over="ignore", invalid="ignore"):
+                residual = np.ascontiguousarray(band - level[b], dtype=np.float32)
+            skip = bad | ~np.isfinite(residual)  # values near the float32 limit overflow
+            residual[skip] = 0.0
+            rms[b] = (sep.Background(residual, mask=skip, **mesh).rms() if _mesh_usable(skip, bw, bh)
+                      else first.rms())
         if image.variance is not None:
             rms[b] = np.sqrt(image.variance[b])
         good_rms = rms[b][~bad & (rms[b] > 0)]
