@@ -60,6 +60,10 @@ class ConditionRanges:
     masked_fraction: float = 0.2  # fraction of scenes with a masked region (NaN stripe or box)
     correlated_fraction: float = 0.0  # fraction of scenes with correlated noise (co-adds, resampling)
     noise_correlation: tuple = (0.5, 1.5)  # Gaussian sigma of the correlation, pixels (those scenes)
+    # Largest galaxy half-light radius of a scene, arcsec, log-uniform; galaxies are drawn
+    # log-uniformly from 0.15" up to it. A range reaching past 1.5" shows the network galaxies
+    # tens of pixels across (space-like pixels, nearby galaxies), which it otherwise shreds.
+    r_half_max: tuple = (1.5, 1.5)
 
 
 def _uniform(rng, lo_hi):
@@ -89,7 +93,7 @@ def sample_config(rng, ranges=None):
     # Drawn only when asked for, so recipes without correlated noise keep their random streams.
     if r.correlated_fraction > 0 and rng.random() < r.correlated_fraction:
         extra["noise_correlation"] = _uniform(rng, r.noise_correlation)
-    return SceneConfig(
+    drawn = dict(
         shape=tuple(r.shape),
         pixel_scale=pixel_scale,
         psf_fwhm=psf_fwhm,
@@ -98,8 +102,14 @@ def sample_config(rng, ranges=None):
         density=_log_uniform(rng, r.density),
         star_fraction=_uniform(rng, r.star_fraction),
         blend_fraction=_uniform(rng, r.blend_fraction),
-        **extra,
     )
+    # Likewise drawn last and only when asked for.
+    lo, hi = r.r_half_max
+    if hi > lo:
+        extra["r_half_range"] = (SceneConfig.r_half_range[0], _log_uniform(rng, r.r_half_max))
+    elif lo != SceneConfig.r_half_range[1]:
+        extra["r_half_range"] = (SceneConfig.r_half_range[0], float(lo))
+    return SceneConfig(**drawn, **extra)
 
 
 def _masked_region(rng, shape):

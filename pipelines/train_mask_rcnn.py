@@ -118,6 +118,9 @@ def main():
                    help="start from this weights file (fresh optimiser and schedule) instead of from scratch")
     p.add_argument("--correlated-fraction", type=float, default=0.0,
                    help="fraction of training scenes with correlated noise (validation stays white)")
+    p.add_argument("--r-half-max", default=None, metavar="LO,HI",
+                   help="range of each training scene's largest galaxy half-light radius, arcsec "
+                        "(log-uniform; default 1.5,1.5, i.e. galaxies of 0.15-1.5\")")
     p.add_argument("--mask-head-channels", default=None,
                    help="comma-separated widths of a new mask head (e.g. 32,32), replacing the --init-from "
                         "model's; everything else keeps its weights")
@@ -140,8 +143,19 @@ def main():
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     cache = Path(args.cache)
-    ranges = ConditionRanges(correlated_fraction=args.correlated_fraction)
+    r_half_max = ConditionRanges.r_half_max
+    if args.r_half_max:
+        try:
+            r_half_max = tuple(float(r) for r in args.r_half_max.split(","))
+        except ValueError:
+            r_half_max = ()
+        if len(r_half_max) != 2 or not 0 < r_half_max[0] <= r_half_max[1]:
+            p.error(f"--r-half-max must be LO,HI in arcsec with 0 < LO <= HI, got {args.r_half_max!r}; "
+                    "e.g. --r-half-max 1.5,4")
+    ranges = ConditionRanges(correlated_fraction=args.correlated_fraction, r_half_max=r_half_max)
     suffix = f"_corr{args.correlated_fraction:g}" if args.correlated_fraction else ""
+    if r_half_max != ConditionRanges.r_half_max:
+        suffix += f"_rhalf{r_half_max[0]:g}-{r_half_max[1]:g}"
     train = cached_examples(cache / f"train_{args.train_seed}_{args.n_train}{suffix}.npz", args.n_train,
                             args.train_seed, args.workers, ranges)
     val = cached_examples(cache / f"val_{args.val_seed}_{args.n_val}.npz", args.n_val, args.val_seed,

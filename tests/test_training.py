@@ -50,6 +50,22 @@ def test_sample_config_correlated_noise_fraction():
     assert again == white
 
 
+def test_sample_config_galaxy_size_range():
+    default = [sample_config(np.random.default_rng(i)) for i in range(40)]
+    assert all(c.r_half_range == (0.15, 1.5) for c in default)
+    wide = [sample_config(np.random.default_rng(i), ConditionRanges(r_half_max=(1.5, 4.0)))
+            for i in range(40)]
+    tops = np.array([c.r_half_range[1] for c in wide])
+    assert all(c.r_half_range[0] == 0.15 for c in wide)
+    assert (tops >= 1.5).all() and (tops <= 4.0).all() and tops.std() > 0.3
+    # Everything else is drawn as before: the size bound comes last in the stream.
+    for a, b in zip(default, wide, strict=True):
+        assert (a.pixel_scale, a.psf_fwhm, a.noise_sigma, a.density) == \
+            (b.pixel_scale, b.psf_fwhm, b.noise_sigma, b.density)
+    fixed = sample_config(np.random.default_rng(0), ConditionRanges(r_half_max=(3.0, 3.0)))
+    assert fixed.r_half_range == (0.15, 3.0)
+
+
 def test_make_example_is_reproducible_and_consistent():
     a, b = make_example(11, ranges=SMALL), make_example(11, ranges=SMALL)
     np.testing.assert_array_equal(a["image"], b["image"])
