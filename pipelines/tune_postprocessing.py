@@ -34,6 +34,8 @@ def main():
                    help="Gaussian sigma (pixels) of correlated noise in every scene (default: white)")
     p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
                    help="RPN proposals kept before/after NMS at inference (default: the weights' own)")
+    p.add_argument("--mask-thresholds", type=float, nargs="+", default=[0.5],
+                   help="soft-mask thresholds of the label map to try (default: 0.5, the pipeline's)")
     p.add_argument("--out", default=str(ROOT / "pipelines" / "results" / "tuning.txt"))
     args = p.parse_args()
     model = load_mask_rcnn(args.weights)
@@ -49,23 +51,29 @@ def main():
         instances = detect(prepared.normalized(), model=model, mask=prepared.mask, score_threshold=0.3)
         scenes.append((scene, cfg, prepared, instances))
     lines = []
-    for score in (0.3, 0.5, 0.7):
-        for max_overlap in (0.3, 0.5, 0.7, 1.0):
-            results = []
-            for scene, cfg, prepared, instances in scenes:
-                shape = prepared.detection.shape
-                kept = instances.select(np.flatnonzero(instances.det_score >= score))
-                kept = suppress_duplicates(kept, shape, max_overlap=max_overlap)
-                labels, _ = instances_to_labels(kept, shape, mask=prepared.mask)
-                catalog = make_catalog(prepared.data, labels, detection=prepared.detection)
-                results.append(evaluate_image(labels, catalog, scene.truth_seg, scene.truth,
-                                              fwhm_pixels=cfg.psf_fwhm / cfg.pixel_scale))
-            s = summarize(results)
-            line = (f"score_threshold={score} max_overlap={max_overlap}: " + ", ".join(
-                f"{k}={s[k]:.3f}" for k in ("recall", "precision", "f1", "blended_recall", "mean_iou"))
-                + f", merged={s['merged']}, shredded={s['shredded']}")
-            print(line, flush=True)
-            lines.append(line)
+    settings = [(score, max_overlap, mask_threshold) for score in (0.3, 0.5, 0.7)
+                for max_overlap in (0.3, 0.5, 0.7, 1.0) for mask_threshold in args.mask_thresholds]
+    for score, max_overlap, mask_threshold in settings:
+        results = []
+        for scene, cfg, prepared, instances in scenes:
+            shape = prepared.detection.shape
+            kept = instances.select(np.flatnonzero(instances.det_score >= score))
+            kept = suppress_duplicates(kept, shape, max_overlap=max_overlap,
+                                       mask_threshold=mask_threshold)
+            labels, _ = instances_to_labels(kept, shape, mask=prepared.mask,
+                                            mask_threshold=mask_threshold)
+            catalog = make_catalog(prepared.data, labels, detection=prepared.detection)
+            results.append(evaluate_image(labels, catalog, scene.truth_seg, scene.truth,
+                                          fwhm_pixels=cfg.psf_fwhm / cfg.pixel_scale))
+        s = summarize(results)
+        setting = f"score_threshold={score} max_overlap={max_overlap}"
+        if args.mask_thresholds != [0.5]:
+            setting += f" mask_threshold={mask_threshold}"
+        line = (f"{setting}: " + ", ".join(
+            f"{k}={s[k]:.3f}" for k in ("recall", "precision", "f1", "blended_recall", "mean_iou"))
+            + f", merged={s['merged']}, shredded={s['shredded']}")
+        print(line, flush=True)
+        lines.append(line)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
 
