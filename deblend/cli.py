@@ -78,6 +78,9 @@ def _add_run(sub):
     n.add_argument("--no-split-crowded", dest="split_crowded", action="store_false",
                    help="do not run crowded windows again as half-size windows (faster in crowded fields; "
                         "sources beyond the network's proposal budget are then lost)")
+    n.add_argument("--no-coarse-pass", dest="coarse_pass", action="store_false",
+                   help="do not detect large sources on a 2x2-binned copy of the image (faster; galaxies "
+                        "larger than about 48 px are then often split into pieces or missed)")
     r = p.add_argument_group("blend refinement (probabilistic U-Net; default on for mask-rcnn)")
     onoff = r.add_mutually_exclusive_group()
     onoff.add_argument("--no-refine", dest="refine", action="store_false", default=None,
@@ -176,8 +179,8 @@ def _cmd_run(args):
                               device=args.device, half=args.half, batch_size=args.batch_size,
                               weights=args.weights,
                               score_threshold=args.score_threshold, window_size=args.window_size,
-                              overlap=args.overlap, split_crowded=args.split_crowded, refine=args.refine,
-                              n_samples=args.samples,
+                              overlap=args.overlap, split_crowded=args.split_crowded, coarse_pass=args.coarse_pass,
+                              refine=args.refine, n_samples=args.samples,
                               save_samples=args.save_samples, refine_weights=args.refine_weights)
     except FileNotFoundError as exc:  # missing weights: the message says how to get them
         log.error("%s", exc)

@@ -90,6 +90,11 @@ class Deblender:
         Run crowded windows again as windows of half the size, each with the
         network's whole budget of region proposals (see
         `deblend.segment.detect`). Costs time only where a window is crowded.
+    coarse_pass : bool, optional
+        Also detect on the image binned 2x2 and let the large sources found
+        there (boxes of 48 px or more) replace the pieces the full-resolution
+        pass made of them (`deblend.coarse`): nearby galaxies, bright stars,
+        fine pixel scales. Adds about a quarter to the detection time.
     refine : bool, optional
         Re-segment blend groups with the probabilistic U-Net
         (`deblend.refine`). Default: True for ``'mask-rcnn'``, False for the
@@ -116,7 +121,7 @@ class Deblender:
     def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
                  device="cpu", half=False, weights=None, batch_size=4, window_size=256, overlap=48,
-                 score_threshold=0.5, max_overlap=0.5, split_crowded=True, refine=None, n_samples=16,
+                 score_threshold=0.5, max_overlap=0.5, split_crowded=True, coarse_pass=True, refine=None, n_samples=16,
                  refine_weights=None, save_samples=False, seg_err_scale=None, claim_threshold=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -160,7 +165,7 @@ class Deblender:
             make_windows((window_size, window_size), size=window_size, overlap=overlap)  # validates both
             options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
                            score_threshold=score_threshold, max_overlap=max_overlap,
-                           split_crowded=bool(split_crowded))
+                           split_crowded=bool(split_crowded), coarse_pass=bool(coarse_pass))
             self._load_model(weights)
         self.seg_err_scale = self.claim_threshold = None
         if self.refine:
@@ -264,12 +269,18 @@ class Deblender:
 
     def _segment(self, prepared, normalized):
         """Mask R-CNN over the normalised detection image → (labels, kept instances in label order)."""
+        from deblend.coarse import detect_coarse, merge_coarse
         from deblend.segment import detect, instances_to_labels, suppress_duplicates
 
         opts = self.options
-        instances = detect(normalized, model=self.model, mask=prepared.mask, window_size=opts["window_size"],
-                           overlap=opts["overlap"], batch_size=opts["batch_size"], device=self.device, half=self.half,
-                           score_threshold=opts["score_threshold"], split_crowded=opts["split_crowded"])
+        common = dict(model=self.model, batch_size=opts["batch_size"], device=self.device, half=self.half,
+                      score_threshold=opts["score_threshold"], split_crowded=opts["split_crowded"])
+        instances = detect(normalized, mask=prepared.mask, window_size=opts["window_size"],
+                           overlap=opts["overlap"], **common)
+        if opts["coarse_pass"]:
+            large = detect_coarse(prepared.detection, prepared.detection_rms, mask=prepared.mask,
+                                  window_size=opts["window_size"], max_overlap=opts["max_overlap"], **common)
+            instances = merge_coarse(instances, large, normalized.shape)
         instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"])
         labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)
         return labels, instances.select(keep)

@@ -304,7 +304,7 @@ def _run_model(model, groups, *, n_samples, seed, device, batch_size, half=False
 
 
 def refine_blends(normalized, labels, data, *, model, positions=None, mask=None, n_samples=16, seed=0,
-                  device="cpu", pad=8, max_size=256, batch_size=32, save_samples=False,
+                  device="cpu", pad=8, max_size=2 * CUTOUT, batch_size=32, save_samples=False,
                   claim_threshold=CLAIM_THRESHOLD, half=False):
     """Re-segment every blend group with the probabilistic U-Net.
 
@@ -335,7 +335,9 @@ def refine_blends(normalized, labels, data, *, model, positions=None, mask=None,
         Pixels around a member's segment that its refined mask may grow into.
     max_size : int, optional
         Groups with a member whose window would exceed this many pixels on a
-        side are left as they are (logged).
+        side are left as they are (logged). The default, twice the training
+        cutouts' side, keeps large galaxies (from `deblend.coarse`) away from
+        a network that never saw one: it cuts them into pieces.
     batch_size : int, optional
         Windows per forward pass.
     save_samples : bool, optional

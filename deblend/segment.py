@@ -115,6 +115,22 @@ class Instances:
                    centers=np.zeros((0, 2), np.float64), masks=[],
                    offsets=np.zeros((0, 2), np.int64))
 
+    @classmethod
+    def concatenate(cls, parts):
+        """One `Instances` holding those of ``parts`` (a sequence; None entries are skipped), in order."""
+        parts = [p for p in parts if p is not None and len(p)]
+        if not parts:
+            return cls.empty()
+        return cls(
+            boxes=np.concatenate([p.boxes for p in parts]).astype(np.float32, copy=False),
+            labels=np.concatenate([p.labels for p in parts]),
+            class_prob=np.concatenate([p.class_prob for p in parts]),
+            det_score=np.concatenate([p.det_score for p in parts]),
+            centers=np.concatenate([p.centers for p in parts]),
+            masks=[m for p in parts for m in p.masks],
+            offsets=np.concatenate([p.offsets for p in parts]),
+        )
+
     @property
     def class_names(self):
         """``'star'`` or ``'galaxy'`` for each instance (ndarray of str)."""
@@ -125,6 +141,18 @@ class Instances:
         y0, x0 = (int(v) for v in self.offsets[index])
         h, w = self.masks[index].shape
         return (slice(y0, y0 + h), slice(x0, x0 + w))
+
+    def clipped_mask(self, index, shape):
+        """Soft mask ``index`` as float32 and the ``(slice, slice)`` it covers, both cut to an image of ``shape``."""
+        dims = tuple(int(n) for n in shape)
+        region = self.mask_slices(index)
+        values = self.masks[index].astype(np.float32)
+        y0, x0 = region[0].start, region[1].start
+        values = values[max(-y0, 0):, max(-x0, 0):]
+        region = (slice(max(y0, 0), min(region[0].stop, dims[0])),
+                  slice(max(x0, 0), min(region[1].stop, dims[1])))
+        values = values[: max(region[0].stop - region[0].start, 0), : max(region[1].stop - region[1].start, 0)]
+        return values, region
 
     def select(self, index):
         """A new `Instances` with the instances ``index`` (int array or bool mask), in that order."""
@@ -360,21 +388,6 @@ def _keep_owned(detections, window, bad):
     )
 
 
-def _concatenate(parts):
-    parts = [p for p in parts if p is not None and len(p)]
-    if not parts:
-        return Instances.empty()
-    return Instances(
-        boxes=np.concatenate([p.boxes for p in parts]).astype(np.float32, copy=False),
-        labels=np.concatenate([p.labels for p in parts]),
-        class_prob=np.concatenate([p.class_prob for p in parts]),
-        det_score=np.concatenate([p.det_score for p in parts]),
-        centers=np.concatenate([p.centers for p in parts]),
-        masks=[m for p in parts for m in p.masks],
-        offsets=np.concatenate([p.offsets for p in parts]),
-    )
-
-
 def _check_model_device(model, device):
     parameters = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
     parameter = next(iter(parameters), None)
@@ -517,7 +530,7 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
                 found = [f for f in found if f[0] not in split] + run(pieces, desc="detect (crowded)")
     finally:
         model.train(was_training)
-    instances = _concatenate([part for _, _, part in found])
+    instances = Instances.concatenate([part for _, _, part in found])
     order = np.lexsort((instances.centers[:, 0], instances.centers[:, 1]))
     log.info("detect: %d instances from %d of %d windows", len(instances), len(todo),
              len(windows))
@@ -549,17 +562,6 @@ def _run_windows(windows, *, model, forward, image, bad, batch_size, device, hal
         for window, found in zip(batch, found_per_window, strict=True):
             out.append((window, found.n_found, _keep_owned(found, window, bad)))
     return out
-
-
-def _clipped(instances, i, dims):
-    """Crop values and image region of instance ``i``, clipped to the image."""
-    region = instances.mask_slices(i)
-    values = instances.masks[i].astype(np.float32)
-    y0, x0 = region[0].start, region[1].start
-    values = values[max(-y0, 0):, max(-x0, 0):]
-    region = (slice(max(y0, 0), min(region[0].stop, dims[0])), slice(max(x0, 0), min(region[1].stop, dims[1])))
-    values = values[: region[0].stop - region[0].start, : region[1].stop - region[1].start]
-    return values, region
 
 
 def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5):
@@ -594,7 +596,7 @@ def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5
     order = np.argsort(-np.asarray(instances.det_score, dtype=np.float64), kind="stable")
     keep = np.zeros(len(instances), dtype=bool)
     for i in order:
-        values, region = _clipped(instances, i, dims)
+        values, region = instances.clipped_mask(i, dims)
         own = values >= mask_threshold
         area = int(own.sum())
         if area == 0:
@@ -663,7 +665,7 @@ def instances_to_labels(instances, shape, *, mask_threshold=0.5, mask=None):
     order = np.argsort(-np.asarray(instances.det_score, dtype=np.float64), kind="stable")
     threshold = np.float32(mask_threshold)
     for i in order:
-        values, region = _clipped(instances, i, dims)  # crops may reach past the image when made by hand
+        values, region = instances.clipped_mask(i, dims)  # crops may reach past the image when made by hand
         sub_best = best[region]
         wins = (values >= threshold) & (values > sub_best)
         sub_best[wins] = values[wins]

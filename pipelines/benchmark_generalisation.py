@@ -150,6 +150,8 @@ def main():
     p.add_argument("--weights", default=None, help="Mask R-CNN weights (default: the shipped ones)")
     p.add_argument("--no-split-crowded", dest="split_crowded", action="store_false",
                    help="Mask R-CNN without re-running crowded windows (to measure what that gains)")
+    p.add_argument("--no-coarse-pass", dest="coarse_pass", action="store_false",
+                   help="Mask R-CNN without the 2x2-binned pass for large sources (deblend.coarse)")
     p.add_argument("--workdir", default="runs/benchmark_generalisation")
     p.add_argument("--results", default=str(ROOT / "pipelines" / "results"))
     p.add_argument("--figure", default=str(ROOT / "docs" / "generalisation.png"))
@@ -161,6 +163,8 @@ def main():
     options = {"weights": args.weights} if args.weights else {}
     if not args.split_crowded:
         options["split_crowded"] = False
+    if not args.coarse_pass:
+        options["coarse_pass"] = False
     rows = []
     for index, condition in enumerate(CONDITIONS):
         if condition.key not in args.conditions:
@@ -180,7 +184,7 @@ def main():
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"n_per_condition": args.n, "shape": list(SHAPE), "weights": args.weights or "shipped",
-               "split_crowded": args.split_crowded,
+               "split_crowded": args.split_crowded, "coarse_pass": args.coarse_pass,
                "methods": args.methods, "conditions": rows}
     (out / "generalisation.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
     lines = markdown(rows, args.methods, args.n)

@@ -214,10 +214,25 @@ def test_split_crowded_option_reaches_detect(untrained_weights, monkeypatch):
     image = np.random.default_rng(1).normal(0, 1, (64, 64)).astype(np.float32)
     for flag in (True, False):
         deblender = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16, refine=False,
-                              split_crowded=flag)
+                              split_crowded=flag, coarse_pass=False)
         assert deblender.config()["options"]["split_crowded"] is flag  # recorded in the provenance
         deblender.run(image)
     assert seen == [True, False]
+
+
+def test_coarse_pass_option(untrained_weights, monkeypatch):
+    import deblend.coarse
+
+    seen = []
+    real = deblend.coarse.detect_coarse
+    monkeypatch.setattr(deblend.coarse, "detect_coarse", lambda *a, **k: seen.append(k) or real(*a, **k))
+    image = np.random.default_rng(1).normal(0, 1, (64, 64)).astype(np.float32)
+    for flag in (True, False):
+        deblender = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16, refine=False,
+                              coarse_pass=flag)
+        assert deblender.config()["options"]["coarse_pass"] is flag  # recorded in the provenance
+        deblender.run(image)
+    assert len(seen) == 1 and seen[0]["window_size"] == 64 and seen[0]["score_threshold"] == 0.5
 
 
 def test_mask_rcnn_option_errors(untrained_weights):
