@@ -64,6 +64,12 @@ class ConditionRanges:
     # log-uniformly from 0.15" up to it. A range reaching past 1.5" shows the network galaxies
     # tens of pixels across (space-like pixels, nearby galaxies), which it otherwise shreds.
     r_half_max: tuple = (1.5, 1.5)
+    # Fraction of space-telescope-like scenes: fine pixels, a sharp PSF and a deep, dense field,
+    # where galaxies are resolved far beyond the PSF (knots and bulges show) and must stay whole.
+    space_fraction: float = 0.0
+    space_pixel_scale: tuple = (0.04, 0.1)  # arcsec / pixel
+    space_psf_fwhm: tuple = (0.1, 0.3)  # arcsec
+    space_density: tuple = (300.0, 1500.0)  # log-uniform, sources per arcmin^2
 
 
 def _uniform(rng, lo_hi):
@@ -104,6 +110,9 @@ def sample_config(rng, ranges=None):
         blend_fraction=_uniform(rng, r.blend_fraction),
     )
     # Likewise drawn last and only when asked for.
+    if r.space_fraction > 0 and rng.random() < r.space_fraction:
+        drawn.update(pixel_scale=_uniform(rng, r.space_pixel_scale), psf_fwhm=_uniform(rng, r.space_psf_fwhm),
+                     density=_log_uniform(rng, r.space_density))
     lo, hi = r.r_half_max
     if hi > lo:
         extra["r_half_range"] = (SceneConfig.r_half_range[0], _log_uniform(rng, r.r_half_max))

@@ -121,6 +121,9 @@ def main():
     p.add_argument("--r-half-max", default=None, metavar="LO,HI",
                    help="range of each training scene's largest galaxy half-light radius, arcsec "
                         "(log-uniform; default 1.5,1.5, i.e. galaxies of 0.15-1.5\")")
+    p.add_argument("--space-fraction", type=float, default=0.0,
+                   help="fraction of space-telescope-like training scenes (0.04-0.1\"/pix, PSF 0.1-0.3\", "
+                        "300-1500 sources/arcmin^2)")
     p.add_argument("--mask-head-channels", default=None,
                    help="comma-separated widths of a new mask head (e.g. 32,32), replacing the --init-from "
                         "model's; everything else keeps its weights")
@@ -152,10 +155,15 @@ def main():
         if len(r_half_max) != 2 or not 0 < r_half_max[0] <= r_half_max[1]:
             p.error(f"--r-half-max must be LO,HI in arcsec with 0 < LO <= HI, got {args.r_half_max!r}; "
                     "e.g. --r-half-max 1.5,4")
-    ranges = ConditionRanges(correlated_fraction=args.correlated_fraction, r_half_max=r_half_max)
+    if not 0 <= args.space_fraction <= 1:
+        p.error(f"--space-fraction must be a fraction in [0, 1], got {args.space_fraction!r}")
+    ranges = ConditionRanges(correlated_fraction=args.correlated_fraction, r_half_max=r_half_max,
+                             space_fraction=args.space_fraction)
     suffix = f"_corr{args.correlated_fraction:g}" if args.correlated_fraction else ""
     if r_half_max != ConditionRanges.r_half_max:
         suffix += f"_rhalf{r_half_max[0]:g}-{r_half_max[1]:g}"
+    if args.space_fraction:
+        suffix += f"_space{args.space_fraction:g}"
     train = cached_examples(cache / f"train_{args.train_seed}_{args.n_train}{suffix}.npz", args.n_train,
                             args.train_seed, args.workers, ranges)
     val = cached_examples(cache / f"val_{args.val_seed}_{args.n_val}.npz", args.n_val, args.val_seed,
@@ -196,7 +204,9 @@ def main():
                  "conditions": asdict(ranges),
                  "augmentation": "flips and 90-degree rotations; masked stripes/boxes in 20% of scenes"
                                  + (f"; correlated noise in {100 * args.correlated_fraction:g}% of scenes"
-                                    if args.correlated_fraction else "")},
+                                    if args.correlated_fraction else "")
+                                 + (f"; space-telescope-like in {100 * args.space_fraction:g}% of scenes"
+                                    if args.space_fraction else "")},
         "recipe": {"script": "pipelines/train_mask_rcnn.py", "train_config": asdict(cfg),
                    "steps_done": result["steps"], "stopped_early": result["stopped_early"],
                    "wall_time_s": round(result["wall_time"], 1), "device": args.device,

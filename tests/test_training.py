@@ -66,6 +66,19 @@ def test_sample_config_galaxy_size_range():
     assert fixed.r_half_range == (0.15, 3.0)
 
 
+def test_sample_config_space_like_scenes():
+    ranges = ConditionRanges(space_fraction=0.5)
+    mixed = [sample_config(np.random.default_rng(i), ranges) for i in range(40)]
+    space = [c for c in mixed if c.pixel_scale < 0.1]
+    assert 10 <= len(space) <= 30
+    assert all(0.1 <= c.psf_fwhm <= 0.3 and 300 <= c.density <= 1500 for c in space)
+    ground = [c for c in mixed if c.pixel_scale >= 0.1]
+    assert all(0.5 <= c.psf_fwhm <= 1.1 for c in ground)
+    default = [sample_config(np.random.default_rng(i)) for i in range(40)]
+    assert [c for c, d in zip(mixed, default, strict=True) if c.pixel_scale >= 0.1] == \
+        [d for c, d in zip(mixed, default, strict=True) if c.pixel_scale >= 0.1]
+
+
 def test_make_example_is_reproducible_and_consistent():
     a, b = make_example(11, ranges=SMALL), make_example(11, ranges=SMALL)
     np.testing.assert_array_equal(a["image"], b["image"])
