@@ -78,9 +78,10 @@ def _add_run(sub):
     n.add_argument("--no-split-crowded", dest="split_crowded", action="store_false",
                    help="do not run crowded windows again as half-size windows (faster in crowded fields; "
                         "sources beyond the network's proposal budget are then lost)")
-    n.add_argument("--no-coarse-pass", dest="coarse_pass", action="store_false",
-                   help="do not detect large sources on a 2x2-binned copy of the image (faster; galaxies "
-                        "larger than about 48 px are then often split into pieces or missed)")
+    n.add_argument("--coarse-pass", action="store_true",
+                   help="also detect on a 2x2-binned copy of the image; sources found there with boxes of 48 px "
+                        "or more replace the pieces the full-resolution pass made of them (for galaxies much "
+                        "larger than the PSF)")
     r = p.add_argument_group("blend refinement (probabilistic U-Net; default on for mask-rcnn)")
     onoff = r.add_mutually_exclusive_group()
     onoff.add_argument("--no-refine", dest="refine", action="store_false", default=None,

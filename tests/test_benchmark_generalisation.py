@@ -44,6 +44,7 @@ def test_conditions_leave_the_training_ranges(gen):
     assert {c.noise_sigma for c in _configs(gen, "noise_extremes")} == {0.25, 4.0}
     assert all(not (r.noise_sigma[0] <= c.noise_sigma <= r.noise_sigma[1]) for c in _configs(gen, "noise_extremes"))
     assert all(c.shape == (97, 413) for c in _configs(gen, "odd_shape"))
+    assert all(c.r_half_range == (1.5, 5.0) for c in _configs(gen, "large_galaxies"))
     # one thing changed: the drawn conditions of a scene are the reference's where not overridden
     assert [c.noise_sigma for c in _configs(gen, "crowded")] == [c.noise_sigma for c in reference]
 

@@ -382,9 +382,9 @@ def test_run_refinement_options(scene_file, tmp_path):
         build_parser().parse_args(["run", "x.fits", "-o", "o", "--refine", "--no-refine"])
 
 
-def test_no_coarse_pass_flag():
-    assert build_parser().parse_args(["run", "x.fits", "-o", "o"]).coarse_pass is True
-    assert build_parser().parse_args(["run", "x.fits", "-o", "o", "--no-coarse-pass"]).coarse_pass is False
+def test_coarse_pass_flag():
+    assert build_parser().parse_args(["run", "x.fits", "-o", "o"]).coarse_pass is False
+    assert build_parser().parse_args(["run", "x.fits", "-o", "o", "--coarse-pass"]).coarse_pass is True
 
 
 def test_no_split_crowded_flag():
