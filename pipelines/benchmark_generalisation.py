@@ -58,7 +58,7 @@ CONDITIONS = (
     Condition("reference", "quality-benchmark conditions", "inside", {}),
     Condition("broad_psf", "PSF FWHM 1.2-1.6\"", "0.5-1.1\"", {"psf_fwhm": (1.2, 1.6)}),
     Condition("fine_pixels", "0.05-0.09\"/pix, PSF 0.15-0.3\" (space-like), 384x512 pixels",
-              "0.1-0.3\"/pix, 0.5-1.1\"",
+              "0.1-0.3\"/pix, 0.5-1.1\"; a quarter of stage 7's scenes 0.04-0.1\"/pix, 0.1-0.3\"",
               {"pixel_scale": (0.05, 0.09), "psf_fwhm": (0.15, 0.3), "shape": (384, 512)}),
     Condition("psf_wings", "Moffat beta 2 (heavy wings)", "beta 3.5", {"psf_beta": 2.0}),
     Condition("sky_gradient", "sky gradient 30 % of a sky of 100 (15-60 sigma)", "<= 4 sigma",
@@ -69,7 +69,7 @@ CONDITIONS = (
     Condition("noise_extremes", "noise sigma 0.25 and 4 in turn", "0.5-3", {"noise_sigma": (0.25, 4.0)}),
     Condition("odd_shape", "97x413 pixels", "128x128 scenes", {"shape": (97, 413)}),
     Condition("large_galaxies", "galaxies of half-light radius 1.5-5\" (nearby), 30 sources/arcmin^2, "
-              "384x512 pixels", "0.15-1.5\"",
+              "384x512 pixels", "0.15-1.5\"; stage 7 up to 1.5-4\"",
               {"r_half_range": (1.5, 5.0), "density": 30.0, "shape": (384, 512)}),
 )
 

@@ -1,10 +1,10 @@
-"""Recipe: train the shipped Mask R-CNN on simulated scenes (2-core CPU: five stages, about 5.8 hours).
+"""Recipe: train the shipped Mask R-CNN on simulated scenes (2-core CPU: six stages, about 6.9 hours).
 
 Steps: simulate training and validation scenes with randomised survey conditions
 (cached as .npz), train with checkpoints (resumable), write half-precision weights
 and a model card JSON beside them. Uses a GPU when there is one.
 
-The shipped weights are trained in five stages, each later one from the previous
+The shipped weights are trained in six stages, each later one from the previous
 one's weights (``--init-from``: fresh optimiser and learning-rate schedule; the
 card keeps the earlier stages' recipes under ``init_from``): stage 1 from scratch
 on 2500 scenes (60 minutes); stage 2 on 5000 scenes, the first 2500 being stage
@@ -14,11 +14,16 @@ stage 4 replaces the mask head by a narrower one (two 32-channel convolutions
 instead of 64, ``--mask-head-channels 32,32``) and trains only it, everything
 else frozen (``--train-only mask``; same scenes, 45 minutes), for speed; stage 6
 trains the whole network again on 5000 new scenes (seed 3), half with correlated
-noise, at a peak lr of 2e-4 (90 minutes). ("Stage 5", a box head retrained with
+noise, at a peak lr of 2e-4 (90 minutes); stage 7 trains it again on 4000 new
+scenes (seed 4) that widen the conditions: each scene's largest galaxy
+half-light radius drawn from 1.5-4" (``--r-half-max 1.5,4``; 1.5" before) and
+a quarter of the scenes space-telescope-like, 0.04-0.1"/pix with a PSF of
+0.1-0.3" (``--space-fraction 0.25``), half with correlated noise (62
+minutes). ("Stage 5", a box head retrained with
 256 proposals per image, was tried and not shipped; see the README.)
 The validation scenes (seed 1) are white-noise scenes throughout.
 
-Usage (from the repository root; ``make train-mask-rcnn`` runs the five stages):
+Usage (from the repository root; ``make train-mask-rcnn`` runs the six stages):
     .venv/bin/python pipelines/train_mask_rcnn.py --out runs/mask_rcnn_stage1.pt           # stage 1
     .venv/bin/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage1.pt \
         --n-train 5000 --lr 5e-4 --steps 12000 --max-minutes 95 --checkpoints runs/checkpoints/mask_rcnn_stage2 \
@@ -32,7 +37,10 @@ Usage (from the repository root; ``make train-mask-rcnn`` runs the five stages):
         --out runs/mask_rcnn_stage4.pt                                                      # stage 4
     .venv/bin/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage4.pt \
         --n-train 5000 --train-seed 3 --correlated-fraction 0.5 --lr 2e-4 --steps 12000 --max-minutes 90 \
-        --checkpoints runs/checkpoints/mask_rcnn_stage6                                     # stage 6 (shipped)
+        --checkpoints runs/checkpoints/mask_rcnn_stage6 --out runs/mask_rcnn_stage6.pt     # stage 6
+    .venv/bin/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage6.pt \
+        --n-train 4000 --train-seed 4 --correlated-fraction 0.5 --r-half-max 1.5,4 --space-fraction 0.25 \
+        --lr 2e-4 --steps 16000 --max-minutes 62 --checkpoints runs/checkpoints/mask_rcnn_stage7  # stage 7 (shipped)
     .venv/bin/python pipelines/train_mask_rcnn.py --steps 50 --n-train 40 --out runs/tiny.pt   # smoke test
 """
 

@@ -86,3 +86,22 @@ def test_box_stage_changes_only_the_box_branch(tmp_path, stage1):
     old = second.state_dict()
     changed = {key for key, value in first.state_dict().items() if not torch.equal(value, old[key])}
     assert changed and all(key.startswith(BOX_BRANCH) for key in changed)
+
+
+def test_widened_conditions_reach_the_card_and_the_cache_name(tmp_path, stage1):
+    out = tmp_path / "stage7.pt"
+    card = _train(tmp_path, out, "--checkpoints", str(tmp_path / "ck7"), "--init-from", str(stage1[0]),
+                  "--r-half-max", "1.5,4", "--space-fraction", "0.25")
+    conditions = card["data"]["conditions"]
+    assert conditions["r_half_max"] == [1.5, 4.0] and conditions["space_fraction"] == 0.25
+    assert "space-telescope-like in 25% of scenes" in card["data"]["augmentation"]
+    assert (tmp_path / "cache" / "train_0_4_rhalf1.5-4_space0.25.npz").exists()  # not the default scenes' cache
+
+
+@pytest.mark.parametrize("args, message", [(["--r-half-max", "4,1.5"], "--r-half-max must be LO,HI"),
+                                           (["--r-half-max", "big"], "--r-half-max must be LO,HI"),
+                                           (["--space-fraction", "2"], "--space-fraction must be a fraction")])
+def test_bad_condition_options_are_refused(tmp_path, args, message):
+    run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.pt"), *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and message in run.stderr
