@@ -138,6 +138,7 @@ def make_catalog(data, labels, *, detection=None, error=None, detection_error=No
                 band_table = cat.to_table(columns=FLUX_COLUMNS)
                 for col in FLUX_COLUMNS:
                     table[f"{col}_{_band_suffix(band)}"] = band_table[col]
+    _fill_centroids(table, labels, wcs)
     if wcs is not None:
         sky = table["sky_centroid"]
         table["ra"] = sky.icrs.ra.to(u.deg)
@@ -151,6 +152,33 @@ def make_catalog(data, labels, *, detection=None, error=None, detection_error=No
     table.meta = _meta(method, weights_id, band_names)
     log.debug("catalog: %d sources, %d bands", len(table), n_bands)
     return table
+
+
+def _fill_centroids(table, labels, wcs):
+    """Give segments without a flux-weighted centroid the mean position of their pixels, in place.
+
+    photutils' centroid weights pixels by the background-subtracted detection
+    image, and is undefined (NaN) where a segment's values sum to zero or
+    less, as a network's mask on a faint or negative patch can. Every row
+    keeps a position: such rows get the unweighted mean of their pixels.
+    """
+    x = np.asarray(table["x_centroid"], dtype=np.float64)
+    y = np.asarray(table["y_centroid"], dtype=np.float64)
+    bad = ~(np.isfinite(x) & np.isfinite(y))
+    if not bad.any():
+        return
+    ids = np.asarray(table["label"])
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=int(ids.max()) + 1)
+    yy, xx = np.indices(labels.shape)
+    mean_x = np.bincount(flat, weights=xx.ravel(), minlength=counts.size) / np.maximum(counts, 1)
+    mean_y = np.bincount(flat, weights=yy.ravel(), minlength=counts.size) / np.maximum(counts, 1)
+    x[bad], y[bad] = mean_x[ids[bad]], mean_y[ids[bad]]
+    table["x_centroid"], table["y_centroid"] = x, y
+    if wcs is not None:
+        table["sky_centroid"] = wcs.pixel_to_world(x, y)
+    log.debug("catalog: %d segments without a flux-weighted centroid placed at their pixels' mean",
+              int(bad.sum()))
 
 
 def add_blend_columns(table, refinement, *, band_names, seg_err_scale=1.0):

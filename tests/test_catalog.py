@@ -54,6 +54,23 @@ def test_centroid_of_symmetric_blob(image, label_map):
     assert float(np.asarray(row["y_centroid"])) == pytest.approx(25.0, abs=0.05)
 
 
+@pytest.mark.parametrize("with_wcs", [False, True])
+def test_segment_without_positive_flux_keeps_a_position(image, label_map, make_header, with_wcs):
+    # A network's mask can lie on a patch whose background-subtracted values sum to <= 0,
+    # where the flux-weighted centroid is undefined: the row gets its pixels' mean position.
+    image = image.copy()
+    image[5:12, 4:9] = -1.0  # segment 1: a 7x5 box centred on (x, y) = (6, 8)
+    wcs = WCS(make_header(label_map.shape)) if with_wcs else None
+    table = make_catalog(image, label_map, wcs=wcs)
+    assert float(np.asarray(table["x_centroid"][0])) == pytest.approx(6.0)
+    assert float(np.asarray(table["y_centroid"][0])) == pytest.approx(8.0)
+    assert float(np.asarray(table["x_centroid"][1])) == pytest.approx(30.0, abs=0.05)  # the others as before
+    if with_wcs:
+        expected = wcs.pixel_to_world(6.0, 8.0)
+        assert table["sky_centroid"][0].separation(expected).arcsec < 1e-6
+        assert np.isfinite(np.asarray(table["ra"], dtype=float)).all()
+
+
 def test_mask_excludes_pixels(image, label_map):
     mask = np.zeros(label_map.shape, bool)
     mask[20:31, 25:30] = True
