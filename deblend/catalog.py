@@ -19,7 +19,7 @@ from photutils.segmentation import SegmentationImage, SourceCatalog
 
 from deblend._version import __version__
 
-__all__ = ["make_catalog", "SHAPE_COLUMNS", "FLUX_COLUMNS", "empty_catalog", "add_blend_columns"]
+__all__ = ["make_catalog", "SHAPE_COLUMNS", "FLUX_COLUMNS", "empty_catalog", "add_blend_columns", "label_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,20 @@ def make_catalog(data, labels, *, detection=None, error=None, detection_error=No
     return table
 
 
+def label_stats(labels):
+    """Labels > 0 present in a map, their pixel counts and unweighted centroids."""
+    fg = np.flatnonzero(labels.ravel() > 0)
+    if fg.size == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), np.empty(0)
+    values, inverse, counts = np.unique(labels.ravel()[fg], return_inverse=True,
+                                        return_counts=True)
+    y, x = np.divmod(fg, labels.shape[1])
+    cx = np.bincount(inverse, weights=x, minlength=values.size) / counts
+    cy = np.bincount(inverse, weights=y, minlength=values.size) / counts
+    return values, counts, cx, cy
+
+
+
 def _fill_centroids(table, labels, wcs):
     """Give segments without a flux-weighted centroid the mean position of their pixels, in place.
 
@@ -167,13 +181,9 @@ def _fill_centroids(table, labels, wcs):
     bad = ~(np.isfinite(x) & np.isfinite(y))
     if not bad.any():
         return
-    ids = np.asarray(table["label"])
-    flat = labels.ravel()
-    counts = np.bincount(flat, minlength=int(ids.max()) + 1)
-    yy, xx = np.indices(labels.shape)
-    mean_x = np.bincount(flat, weights=xx.ravel(), minlength=counts.size) / np.maximum(counts, 1)
-    mean_y = np.bincount(flat, weights=yy.ravel(), minlength=counts.size) / np.maximum(counts, 1)
-    x[bad], y[bad] = mean_x[ids[bad]], mean_y[ids[bad]]
+    values, _, mean_x, mean_y = label_stats(labels)
+    rows = np.searchsorted(values, np.asarray(table["label"])[bad])  # every row's label is in the map
+    x[bad], y[bad] = mean_x[rows], mean_y[rows]
     table["x_centroid"], table["y_centroid"] = x, y
     if wcs is not None:
         table["sky_centroid"] = wcs.pixel_to_world(x, y)

@@ -91,6 +91,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from deblend import io as dbio
+from deblend.catalog import label_stats
 from deblend.exceptions import InputError
 
 __all__ = [
@@ -372,19 +373,6 @@ def _check_labels(labels, name):
     return arr.astype(np.int64, copy=False)
 
 
-def _label_stats(labels):
-    """Labels > 0 present in a map, their pixel counts and unweighted centroids."""
-    fg = np.flatnonzero(labels.ravel() > 0)
-    if fg.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), np.empty(0)
-    values, inverse, counts = np.unique(labels.ravel()[fg], return_inverse=True,
-                                        return_counts=True)
-    y, x = np.divmod(fg, labels.shape[1])
-    cx = np.bincount(inverse, weights=x, minlength=values.size) / counts
-    cy = np.bincount(inverse, weights=y, minlength=values.size) / counts
-    return values, counts, cx, cy
-
-
 def _lookup(keys, values, query, default=0):
     """``values[keys == q]`` for each ``q`` of ``query`` (``keys`` sorted), else ``default``."""
     query = np.asarray(query)
@@ -415,7 +403,7 @@ def _pred_arrays(pred_labels, pred_catalog, flux_column="segment_flux"):
     Sources are the catalog rows, followed by any label of the map that has
     no catalog row (centroid from the map, flux NaN).
     """
-    map_labels, map_counts, map_cx, map_cy = _label_stats(pred_labels)
+    map_labels, map_counts, map_cx, map_cy = label_stats(pred_labels)
     names = _column_names(pred_catalog)
     if pred_catalog is not None:
         if "label" not in names:
@@ -578,7 +566,7 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
     matched_truth[t_idx] = True
 
     # IoU of true positives from one pass over the overlapping pixels.
-    t_values, t_counts, _, _ = _label_stats(truth_labels)
+    t_values, t_counts, _, _ = label_stats(truth_labels)
     base = int(max(truth_labels.max(initial=0), truth["id"].max(initial=0), 0)) + 1
     p_lab, t_id = pred["label"][tp_p], truth["id"][tp_t]
     inter = _intersections(pred_labels, truth_labels, p_lab, t_id, base).astype(float)
