@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from deblend import segment
+from deblend import tta as tta_module
 from deblend.preprocess import normalize
 from deblend.segment import Instances, suppress_duplicates
 
@@ -143,7 +144,7 @@ def upsample_instances(instances, factor, shape):
 
 
 def detect_coarse(detection, sigma, *, model, mask=None, factor=2, min_size=48, window_size=256,
-                  overlap=64, max_overlap=0.5, **detect_options):
+                  overlap=64, max_overlap=0.5, tta=False, **detect_options):
     """Large sources, found on the detection image binned by ``factor``.
 
     Parameters
@@ -169,6 +170,9 @@ def detect_coarse(detection, sigma, *, model, mask=None, factor=2, min_size=48, 
         in radius whole.
     max_overlap : float, optional
         Mask NMS among the coarse detections (`deblend.segment.suppress_duplicates`).
+    tta : bool, optional
+        Detect with test-time augmentation (`deblend.tta.detect_tta`);
+        ``score_threshold`` is then the fused score's.
     **detect_options
         Passed to `deblend.segment.detect` (``batch_size``, ``device``,
         ``score_threshold``, ``half``, ``split_crowded``, ...).
@@ -186,8 +190,9 @@ def detect_coarse(detection, sigma, *, model, mask=None, factor=2, min_size=48, 
     if min(binned.shape) < 8:
         return Instances.empty()
     normalized = normalize(binned, binned_sigma, mask=binned_mask)
-    found = segment.detect(normalized, model=model, mask=binned_mask, window_size=window_size,
-                   overlap=min(overlap, (window_size - 1) // 2), **detect_options)
+    find = tta_module.detect_tta if tta else segment.detect
+    found = find(normalized, model=model, mask=binned_mask, window_size=window_size,
+                 overlap=min(overlap, (window_size - 1) // 2), **detect_options)
     found = suppress_duplicates(found, binned.shape, max_overlap=max_overlap)
     extent = np.maximum(found.boxes[:, 2] - found.boxes[:, 0], found.boxes[:, 3] - found.boxes[:, 1]) * factor
     large = upsample_instances(found.select(np.flatnonzero(extent >= min_size)), factor, detection.shape)

@@ -17,7 +17,7 @@ from deblend.refine import CLAIM_THRESHOLD, check_claim_threshold, refine_blends
 from deblend.result import DeblendResult
 from deblend.tiling import make_windows
 
-__all__ = ["Deblender", "METHODS"]
+__all__ = ["Deblender", "METHODS", "SCORE_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ CLASSICAL = {
     "sep": sep_labels,
     "photutils": photutils_labels,
 }
+#: Default minimum detection score of a Mask R-CNN instance (one pass, no test-time augmentation).
+SCORE_THRESHOLD = 0.5
 #: Every method `Deblender` knows; the first is the default.
 METHODS = ("mask-rcnn", "sep", "photutils")
 
@@ -82,6 +84,8 @@ class Deblender:
         Tiling of large images for the network (see `deblend.tiling.make_windows`).
     score_threshold : float, optional
         Minimum detection score (1 - P(background)) of a Mask R-CNN instance.
+        Default: 0.5, or `deblend.tta.TTA_SCORE_THRESHOLD` (0.4, on the
+        fused score) with ``tta=True``.
     max_overlap : float, optional
         Mask non-maximum suppression: an instance is dropped when more than
         this fraction of its mask is claimed by higher-scoring instances
@@ -98,6 +102,12 @@ class Deblender:
         default: on simulated scenes it changed F1 by less than 0.01, and
         it added 20-50 % to the run time on real 2600x2600 mosaics (see the
         README).
+    tta : bool, optional
+        Test-time augmentation (`deblend.tta`): detect on the image and on
+        its three flips, and keep the sources the passes agree on, with
+        their masks averaged. On simulated scenes it raised recall of
+        blended sources and mask IoU at equal precision, for about four
+        times the detection time (see the README). Off by default.
     refine : bool, optional
         Re-segment blend groups with the probabilistic U-Net
         (`deblend.refine`). Default: True for ``'mask-rcnn'``, False for the
@@ -124,7 +134,8 @@ class Deblender:
     def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
                  device="cpu", half=False, weights=None, batch_size=4, window_size=256, overlap=48,
-                 score_threshold=0.5, max_overlap=0.5, split_crowded=True, coarse_pass=False, refine=None, n_samples=16,
+                 score_threshold=None, max_overlap=0.5, split_crowded=True, coarse_pass=False, tta=False,
+                 refine=None, n_samples=16,
                  refine_weights=None, save_samples=False, seg_err_scale=None, claim_threshold=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -159,6 +170,12 @@ class Deblender:
                                       "deblend_cont": deblend_cont}.items() if v is not None]
             if ignored:
                 raise ValueError(f"options {ignored} apply to the classical methods only, not to {method!r}")
+            if score_threshold is None and tta:
+                from deblend.tta import TTA_SCORE_THRESHOLD
+
+                score_threshold = TTA_SCORE_THRESHOLD
+            elif score_threshold is None:
+                score_threshold = SCORE_THRESHOLD
             if not 0 <= score_threshold <= 1:
                 raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold!r}")
             if not 0 < max_overlap <= 1:
@@ -168,7 +185,7 @@ class Deblender:
             make_windows((window_size, window_size), size=window_size, overlap=overlap)  # validates both
             options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
                            score_threshold=score_threshold, max_overlap=max_overlap,
-                           split_crowded=bool(split_crowded), coarse_pass=bool(coarse_pass))
+                           split_crowded=bool(split_crowded), coarse_pass=bool(coarse_pass), tta=bool(tta))
             self._load_model(weights)
         self.seg_err_scale = self.claim_threshold = None
         if self.refine:
@@ -274,15 +291,18 @@ class Deblender:
         """Mask R-CNN over the normalised detection image → (labels, kept instances in label order)."""
         from deblend.coarse import detect_coarse, merge_coarse
         from deblend.segment import detect, instances_to_labels, suppress_duplicates
+        from deblend.tta import detect_tta
 
         opts = self.options
         common = dict(model=self.model, batch_size=opts["batch_size"], device=self.device, half=self.half,
                       score_threshold=opts["score_threshold"], split_crowded=opts["split_crowded"])
-        instances = detect(normalized, mask=prepared.mask, window_size=opts["window_size"],
-                           overlap=opts["overlap"], **common)
+        find = detect_tta if opts["tta"] else detect
+        instances = find(normalized, mask=prepared.mask, window_size=opts["window_size"],
+                         overlap=opts["overlap"], **common)
         if opts["coarse_pass"]:
             large = detect_coarse(prepared.detection, prepared.detection_rms, mask=prepared.mask,
-                                  window_size=opts["window_size"], max_overlap=opts["max_overlap"], **common)
+                                  window_size=opts["window_size"], max_overlap=opts["max_overlap"],
+                                  tta=opts["tta"], **common)
             instances = merge_coarse(instances, large, normalized.shape)
         instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"])
         labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)

@@ -387,6 +387,12 @@ def test_coarse_pass_flag():
     assert build_parser().parse_args(["run", "x.fits", "-o", "o", "--coarse-pass"]).coarse_pass is True
 
 
+def test_tta_flag():
+    args = build_parser().parse_args(["run", "x.fits", "-o", "o"])
+    assert args.tta is False and args.score_threshold is None  # None: the Deblender's default for the mode
+    assert build_parser().parse_args(["run", "x.fits", "-o", "o", "--tta"]).tta is True
+
+
 def test_no_split_crowded_flag():
     assert build_parser().parse_args(["run", "x.fits", "-o", "o"]).split_crowded is True
     assert build_parser().parse_args(["run", "x.fits", "-o", "o", "--no-split-crowded"]).split_crowded is False

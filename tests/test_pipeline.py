@@ -205,6 +205,7 @@ def test_mask_rcnn_method_adds_class_columns(untrained_weights):
     assert result.weights_id and result.method == "mask-rcnn"
 
 
+@pytest.mark.filterwarnings("ignore::deblend.exceptions.NoSourcesWarning")  # noise only
 def test_split_crowded_option_reaches_detect(untrained_weights, monkeypatch):
     import deblend.segment
 
@@ -220,6 +221,7 @@ def test_split_crowded_option_reaches_detect(untrained_weights, monkeypatch):
     assert seen == [True, False]
 
 
+@pytest.mark.filterwarnings("ignore::deblend.exceptions.NoSourcesWarning")  # noise only
 def test_coarse_pass_option(untrained_weights, monkeypatch):
     import deblend.coarse
 
@@ -233,6 +235,34 @@ def test_coarse_pass_option(untrained_weights, monkeypatch):
         assert deblender.config()["options"]["coarse_pass"] is flag  # recorded in the provenance
         deblender.run(image)
     assert len(seen) == 1 and seen[0]["window_size"] == 64 and seen[0]["score_threshold"] == 0.5
+
+
+@pytest.mark.filterwarnings("ignore::deblend.exceptions.NoSourcesWarning")  # noise only
+def test_tta_option(untrained_weights, monkeypatch):
+    import deblend.coarse
+    import deblend.segment
+    from deblend.tta import MEMBER_SCORE_THRESHOLD, TTA_SCORE_THRESHOLD
+
+    seen, coarse = [], []
+    real, real_coarse = deblend.segment.detect, deblend.coarse.detect_coarse
+    monkeypatch.setattr(deblend.segment, "detect", lambda *a, **k: seen.append(k["score_threshold"]) or real(*a, **k))
+    monkeypatch.setattr(deblend.coarse, "detect_coarse",
+                        lambda *a, **k: coarse.append(k["tta"]) or real_coarse(*a, **k))
+    image = np.random.default_rng(1).normal(0, 1, (64, 64)).astype(np.float32)
+    plain = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16, refine=False)
+    assert plain.config()["options"]["tta"] is False and plain.config()["options"]["score_threshold"] == 0.5
+    plain.run(image)
+    assert seen == [0.5]
+    seen.clear()
+    tta = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16, refine=False, tta=True,
+                    coarse_pass=True)
+    assert tta.config()["options"]["tta"] is True  # recorded in the provenance
+    assert tta.config()["options"]["score_threshold"] == TTA_SCORE_THRESHOLD  # on the fused score
+    tta.run(image)
+    assert seen[:4] == [MEMBER_SCORE_THRESHOLD] * 4  # four flips at full resolution (then four coarse ones)
+    assert coarse == [True]
+    assert Deblender("mask-rcnn", weights=untrained_weights, tta=True,
+                     score_threshold=0.7).config()["options"]["score_threshold"] == 0.7
 
 
 def test_mask_rcnn_option_errors(untrained_weights):
