@@ -157,6 +157,8 @@ def main():
                    help="Mask R-CNN without re-running crowded windows (to measure what that gains)")
     p.add_argument("--coarse-pass", action="store_true",
                    help="Mask R-CNN with the 2x2-binned pass for large sources (deblend.coarse)")
+    p.add_argument("--tta", action="store_true",
+                   help="Mask R-CNN with test-time augmentation (deblend.tta)")
     p.add_argument("--workdir", default="runs/benchmark_generalisation")
     p.add_argument("--results", default=str(ROOT / "pipelines" / "results"))
     p.add_argument("--figure", default=str(ROOT / "docs" / "generalisation.png"))
@@ -170,6 +172,8 @@ def main():
         options["split_crowded"] = False
     if args.coarse_pass:
         options["coarse_pass"] = True
+    if args.tta:
+        options["tta"] = True
     rows = []
     for index, condition in enumerate(CONDITIONS):
         if condition.key not in args.conditions:
@@ -189,7 +193,7 @@ def main():
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"n_per_condition": args.n, "shape": list(SHAPE), "weights": args.weights or "shipped",
-               "split_crowded": args.split_crowded, "coarse_pass": args.coarse_pass,
+               "split_crowded": args.split_crowded, "coarse_pass": args.coarse_pass, "tta": args.tta,
                "methods": args.methods, "conditions": rows}
     (out / "generalisation.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
     lines = markdown(rows, args.methods, args.n)

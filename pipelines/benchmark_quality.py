@@ -10,7 +10,8 @@ Usage (from the repository root):
 Writes pipelines/results/quality.json and quality.md (the README table), and, when the
 mask-rcnn method is benchmarked, its metrics into the model card next to the weights.
 With --noise-correlation S every scene has correlated noise (as co-added images do), and the
-results go to quality_corrS.json/.md.
+results go to quality_corrS.json/.md. With --tta the Mask R-CNN also runs with test-time
+augmentation (deblend.tta), as a further column "mask-rcnn+tta".
 """
 
 import argparse
@@ -31,6 +32,7 @@ from deblend.preprocess import prepare
 from deblend.simulate import SceneConfig, read_truth, scene_seed, simulate_scene, write_scene
 
 ROOT = Path(__file__).resolve().parents[1]
+TTA_NAME = "mask-rcnn+tta"
 FLUX_COLUMNS = ("segment_flux", "kron_flux")
 NOISE_LEVELS = (0.5, 1.0, 2.0)
 log = logging.getLogger("benchmark_quality")
@@ -78,9 +80,17 @@ def run_variants(truth, work, variants):
     return timings, pred_dirs
 
 
-def run_methods(truth, work, methods, **options):
-    """`run_variants` with one variant per method; ``options`` go to the mask-rcnn method (e.g. ``weights``)."""
-    return run_variants(truth, work, {m: (m, options if m == "mask-rcnn" else {}) for m in methods})
+def run_methods(truth, work, methods, *, tta_variant=False, **options):
+    """`run_variants` with one variant per method; ``options`` go to the mask-rcnn method (e.g. ``weights``).
+
+    With ``tta_variant`` a variant ``mask-rcnn+tta`` (the same options and ``tta=True``) follows ``mask-rcnn``.
+    """
+    variants = {}
+    for m in methods:
+        variants[m] = (m, options if m == "mask-rcnn" else {})
+        if m == "mask-rcnn" and tta_variant:
+            variants[TTA_NAME] = (m, {**options, "tta": True})
+    return run_variants(truth, work, variants)
 
 
 def truth_footprint_reference(truth_dir, conditions):
@@ -143,6 +153,8 @@ def main():
     p.add_argument("--noise-correlation", type=float, default=0.0,
                    help="correlated noise (Gaussian sigma, pixels) in every scene; results go to "
                         "quality_corr<sigma>.json/.md, and neither the figure nor the model card is written")
+    p.add_argument("--tta", action="store_true",
+                   help="also run the Mask R-CNN with test-time augmentation (column mask-rcnn+tta)")
     p.add_argument("--figure", default=str(ROOT / "docs" / "recall_separation.png"),
                    help="recall against nearest-neighbour separation, every method")
     args = p.parse_args()
@@ -156,9 +168,13 @@ def main():
     suffix = f"_corr{args.noise_correlation:g}" if args.noise_correlation else ""
     log.info("simulated %d scenes in %.0f s", args.n, time.perf_counter() - t0)
 
-    timings, pred_dirs = run_methods(truth, work, args.methods)
+    timings, pred_dirs = run_methods(truth, work, args.methods, tta_variant=args.tta)
+    names = [d.name for d in pred_dirs]
     results = compare_methods(pred_dirs, truth)
     by_column = {"segment_flux": results, "kron_flux": compare_methods(pred_dirs, truth, flux_column="kron_flux")}
+    for rs in by_column.values():  # name each column by its variant (mask-rcnn+tta is method mask-rcnn too)
+        for r, name in zip(rs, names, strict=True):
+            r["method"] = name
     reference = truth_footprint_reference(truth, conditions)
     # per noise level, from the per-image records
     by_noise = {}
@@ -187,10 +203,10 @@ def main():
     lines.append("| --- | --- | --- |")
     for m, s in speed.items():
         lines.append(f"| {m} | {s['seconds']} | {s['mpix_per_s']} |")
-    lines += ["", "Blended recall by noise level:", "", "| noise σ | " + " | ".join(args.methods) + " |",
-              "| --- |" + " --- |" * len(args.methods)]
+    lines += ["", "Blended recall by noise level:", "", "| noise σ | " + " | ".join(names) + " |",
+              "| --- |" + " --- |" * len(names)]
     for level, per in by_noise.items():
-        lines.append(f"| {level} | " + " | ".join(f"{per[m]['blended_recall']:.3f}" for m in args.methods) + " |")
+        lines.append(f"| {level} | " + " | ".join(f"{per[m]['blended_recall']:.3f}" for m in names) + " |")
     lines += separation_table(results)
     lines += flux_table(by_column, reference)
     (out / f"quality{suffix}.md").write_text("\n".join(lines) + "\n")
@@ -254,9 +270,12 @@ def update_model_card(payload):
         "scenes": {k: payload[k] for k in ("n_scenes", "seed", "shape", "noise_levels", "pixel_scale_range",
                                            "psf_fwhm_range")},
         "mask-rcnn": {k: payload["summary"]["mask-rcnn"][k] for k in keys},
-        "baselines": {m: {k: payload["summary"][m][k] for k in keys} for m in payload["summary"] if m != "mask-rcnn"},
+        "baselines": {m: {k: payload["summary"][m][k] for k in keys} for m in payload["summary"]
+                      if m not in ("mask-rcnn", TTA_NAME)},
         "speed": payload["speed"],
     }
+    if TTA_NAME in payload["summary"]:
+        card["metrics"][TTA_NAME] = {k: payload["summary"][TTA_NAME][k] for k in keys}
     card.pop("metrics_note", None)
     card_path.write_text(json.dumps(card, indent=2, default=float) + "\n")
     log.info("updated %s", card_path)

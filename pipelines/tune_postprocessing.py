@@ -6,8 +6,11 @@ noise 0.5/1/2. Prints one line per setting; pipelines/results/tuning.txt keeps t
 Also compares candidate weights before shipping them: pass the file, --noise-correlation for
 scenes with correlated noise, and --out to keep tuning.txt as it is.
 
+With --tta, detection is test-time augmented (deblend.tta.detect_tta) and the score
+thresholds apply to the fused score.
+
 Usage: .venv/bin/python pipelines/tune_postprocessing.py [WEIGHTS.pt] [--noise-correlation S]
-       [--rpn-test-top-n PRE,POST] [--out FILE]
+       [--rpn-test-top-n PRE,POST] [--tta] [--score-thresholds T ...] [--out FILE]
 """
 
 import argparse
@@ -23,6 +26,7 @@ from deblend.models.registry import DEFAULT_MASK_RCNN, load_mask_rcnn
 from deblend.preprocess import prepare
 from deblend.segment import detect, instances_to_labels, suppress_duplicates
 from deblend.simulate import SceneConfig, simulate_scene
+from deblend.tta import detect_tta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +40,10 @@ def main():
                    help="RPN proposals kept before/after NMS at inference (default: the weights' own)")
     p.add_argument("--mask-thresholds", type=float, nargs="+", default=[0.5],
                    help="soft-mask thresholds of the label map to try (default: 0.5, the pipeline's)")
+    p.add_argument("--tta", action="store_true",
+                   help="detect with test-time augmentation (deblend.tta); thresholds apply to the fused score")
+    p.add_argument("--score-thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7],
+                   help="detection score thresholds to try (default: 0.3 0.5 0.7)")
     p.add_argument("--out", default=str(ROOT / "pipelines" / "results" / "tuning.txt"))
     args = p.parse_args()
     model = load_mask_rcnn(args.weights)
@@ -48,10 +56,14 @@ def main():
                           noise_correlation=args.noise_correlation)
         scene = simulate_scene(cfg, seed=9000 + i, keep_sources=False)
         prepared = prepare(Image.from_array(scene.image))
-        instances = detect(prepared.normalized(), model=model, mask=prepared.mask, score_threshold=0.3)
+        low = min(args.score_thresholds)
+        if args.tta:
+            instances = detect_tta(prepared.normalized(), model=model, mask=prepared.mask, score_threshold=low)
+        else:
+            instances = detect(prepared.normalized(), model=model, mask=prepared.mask, score_threshold=low)
         scenes.append((scene, cfg, prepared, instances))
     lines = []
-    settings = [(score, max_overlap, mask_threshold) for score in (0.3, 0.5, 0.7)
+    settings = [(score, max_overlap, mask_threshold) for score in args.score_thresholds
                 for max_overlap in (0.3, 0.5, 0.7, 1.0) for mask_threshold in args.mask_thresholds]
     for score, max_overlap, mask_threshold in settings:
         results = []
