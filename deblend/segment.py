@@ -254,14 +254,16 @@ def _may_be_owned(boxes, core):
     return (x1 + gx >= cx0 - 0.5) & (x0 - gx < cx1 - 0.5) & (y1 + gy >= cy0 - 0.5) & (y0 - gy < cy1 - 0.5)
 
 
-def _mask_rcnn_forward(model, images, score_threshold, cores=None):
+def _mask_rcnn_forward(model, images, score_threshold, cores=None, crowded_score=None):
     """Evaluate a torchvision Mask R-CNN on a (B, C, H, W) batch, one detection per proposal.
 
     The eval path of ``GeneralizedRCNN.forward`` and ``RoIHeads.forward``, with
     `_postprocess_detections` in place of torchvision's and masks pasted into
     crops (`paste_mask_crops`) rather than full windows. With ``cores`` (one
     ``(cy0, cx0, cy1, cx1)`` per image, window pixels), detections that no
-    core could own (`_may_be_owned`) are dropped before the mask head.
+    core could own (`_may_be_owned`) are dropped before the mask head. Each
+    window's ``n_found`` counts its detections with ``det_score >=
+    crowded_score`` (default: ``score_threshold``), for the crowded-window test.
     """
     sizes = [tuple(int(s) for s in images.shape[-2:])] * len(images)
     image_list, _ = model.transform(list(images))
@@ -274,10 +276,11 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None):
                                              heads.box_roi_pool(features, proposals, image_list.image_sizes))
     per_image = _postprocess_detections(heads, class_logits, box_regression, proposals,
                                         image_list.image_sizes)
+    crowded_score = score_threshold if crowded_score is None else crowded_score
+    n_found = [int((d >= crowded_score).sum()) for _, _, _, d in per_image]
     # Drop what the caller would drop before the (costlier) mask head.
     per_image = [tuple(t[d >= score_threshold] for t in (b, lab, c, d))
                  for b, lab, c, d in per_image]
-    n_found = [len(b) for b, _, _, _ in per_image]
     if cores is not None:  # and what another window will keep
         kept = []
         for found, core in zip(per_image, cores, strict=True):
@@ -307,8 +310,11 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None):
     return out
 
 
-def _generic_forward(model, images, score_threshold, cores=None):
-    """Call any model returning torchvision-style eval dicts; crop its full-window masks (``cores`` unused)."""
+def _generic_forward(model, images, score_threshold, cores=None, crowded_score=None):
+    """Call any model returning torchvision-style eval dicts; crop its full-window masks.
+
+    ``cores`` and ``crowded_score`` are unused (only Mask R-CNN windows are tested for crowding).
+    """
     outputs = model(images)
     if len(outputs) != len(images):
         raise ValueError(f"model returned {len(outputs)} results for a batch of {len(images)} "
@@ -400,7 +406,7 @@ def _check_model_device(model, device):
 
 def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_size=4,
            device="cpu", score_threshold=0.5, skip_empty=True, progress=False, half=False,
-           split_crowded=True):
+           split_crowded=True, crowded_score=None):
     """Detect and segment every source of an image with an instance segmenter.
 
     The image is cut into overlapping windows (`deblend.tiling.make_windows`);
@@ -459,6 +465,12 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
         (`deblend.tiling.split_window`), each with the whole budget, and
         their detections replace its own. One level only; not below 64
         pixels.
+    crowded_score : float, optional
+        The detections a window is counted as returning, for the test above,
+        are those with ``det_score >= crowded_score``. Default:
+        ``score_threshold``. `deblend.tta` keeps detections down to a lower
+        score and counts them from the single-pass default, 0.5, at which the
+        limit was set.
 
     Returns
     -------
@@ -493,6 +505,9 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
             or not 0 <= score_threshold <= 1):
         raise ValueError(f"score_threshold must be a number in [0, 1], got {score_threshold!r}; "
                          "e.g. 0.5")
+    if crowded_score is not None and (not isinstance(crowded_score, Real) or isinstance(crowded_score, bool)
+                                      or not 0 <= crowded_score <= 1):
+        raise ValueError(f"crowded_score must be None or a number in [0, 1], got {crowded_score!r}; e.g. 0.5")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
@@ -510,7 +525,8 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
     mask_rcnn = _is_mask_rcnn(model)
     run = partial(_run_windows, model=model, forward=_mask_rcnn_forward if mask_rcnn else _generic_forward,
                   image=image, bad=bad, batch_size=batch_size, device=device, half=half,
-                  score_threshold=float(score_threshold), progress=progress)
+                  score_threshold=float(score_threshold), progress=progress,
+                  crowded_score=None if crowded_score is None else float(crowded_score))
     was_training = bool(getattr(model, "training", False))
     model.eval()
     try:
@@ -548,7 +564,7 @@ def crowded_limit(model):
 
 
 def _run_windows(windows, *, model, forward, image, bad, batch_size, device, half, score_threshold, progress,
-                 desc):
+                 desc, crowded_score=None):
     """``(window, detections found, Instances it owns or None)`` for each window, in batches."""
     out = []
     batches = iter_batches(windows, batch_size)
@@ -558,7 +574,7 @@ def _run_windows(windows, *, model, forward, image, bad, batch_size, device, hal
         tensor = tensor[:, np.newaxis].to(device)
         cores = [(w.cy0 - w.y0, w.cx0 - w.x0, w.cy1 - w.y0, w.cx1 - w.x0) for w in batch]
         with autocast(device, half):
-            found_per_window = forward(model, tensor, score_threshold, cores)
+            found_per_window = forward(model, tensor, score_threshold, cores, crowded_score)
         for window, found in zip(batch, found_per_window, strict=True):
             out.append((window, found.n_found, _keep_owned(found, window, bad)))
     return out

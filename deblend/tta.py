@@ -37,7 +37,7 @@ from scipy.spatial import cKDTree
 from deblend import segment
 from deblend.segment import Instances
 
-__all__ = ["FLIPS", "TTA_SCORE_THRESHOLD", "MEMBER_SCORE_THRESHOLD", "flip_image", "flip_instances",
+__all__ = ["FLIPS", "TTA_SCORE_THRESHOLD", "MEMBER_SCORE_THRESHOLD", "CROWDED_SCORE", "flip_image", "flip_instances",
            "fuse_detections", "detect_tta"]
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,11 @@ FLIPS = ((False, False), (False, True), (True, False), (True, True))
 TTA_SCORE_THRESHOLD = 0.4
 #: Default minimum ``det_score`` of an instance in one pass, before fusion.
 MEMBER_SCORE_THRESHOLD = 0.2
+#: Each pass counts a window's detections from this score for the crowded-window test
+#: (`deblend.segment.detect`'s ``crowded_score``): the single-pass default threshold, at which
+#: the test's limit was set. Counted from ``MEMBER_SCORE_THRESHOLD`` instead, windows of
+#: ordinary density would pass as crowded and be run again at half size for nothing.
+CROWDED_SCORE = 0.5
 
 
 def _check_fraction(name, value, example):
@@ -251,7 +256,8 @@ def detect_tta(normalized, *, model, mask=None, score_threshold=TTA_SCORE_THRESH
         Minimum mask IoU for instances of two passes to be one source.
     **detect_options
         Passed to `deblend.segment.detect` (``window_size``, ``overlap``,
-        ``batch_size``, ``device``, ``half``, ``split_crowded``, ...).
+        ``batch_size``, ``device``, ``half``, ``split_crowded``, ...);
+        ``crowded_score`` defaults to `CROWDED_SCORE`.
 
     Returns
     -------
@@ -268,6 +274,7 @@ def detect_tta(normalized, *, model, mask=None, score_threshold=TTA_SCORE_THRESH
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != normalized.shape:
             raise ValueError(f"mask shape {mask.shape} must equal the image shape {normalized.shape}")
+    detect_options.setdefault("crowded_score", CROWDED_SCORE)
     parts = []
     for flip_y, flip_x in FLIPS:
         flipped = dict(flip_y=flip_y, flip_x=flip_x)

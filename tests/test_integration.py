@@ -47,6 +47,24 @@ def test_shipped_model_outputs_are_consistent(sample_result):
                                         f"{model_card(DEFAULT_PROB_UNET)['sha256'][:16]}")
 
 
+def test_shipped_model_with_tta_on_sample_tile(sample_result):
+    """Test-time augmentation with the shipped weights: as good on the sample tile, and consistent outputs."""
+    truth_seg, _ = read_segmentation("data/sample_0000_truth_seg.fits")
+    truth = read_catalog("data/sample_0000_truth.fits")
+    image = read_image("data/sample_0000.fits")
+    fwhm = image.header["PSF_FWHM"] / image.header["PIXSCALE"]
+    result = Deblender("mask-rcnn", tta=True, refine=False).run(image)
+    plain = Deblender("mask-rcnn", refine=False).run(image)
+    scores = {name: evaluate_image(r.labels, r.catalog, truth_seg, truth, fwhm_pixels=fwhm)
+              for name, r in (("tta", result), ("plain", plain))}
+    f1 = {name: 2 * s["tp"] / (2 * s["tp"] + s["fp"] + s["fn"]) for name, s in scores.items()}
+    assert f1["tta"] >= f1["plain"] - 0.05, scores  # one tile: allow a source or two either way
+    cat = result.catalog
+    np.testing.assert_array_equal(np.unique(result.labels[result.labels > 0]), np.asarray(cat["label"]))
+    det, prob = np.asarray(cat["det_score"]), np.asarray(cat["class_prob"])
+    assert np.all(det >= 0.4 - 1e-6) and np.all(det <= 1) and np.all(prob <= det + 1e-6)
+
+
 def test_shipped_refinement_on_sample_tile(sample_result):
     """Blends are found and refined: blend columns, finite segmentation errors, an uncertainty map."""
     cat = sample_result.catalog

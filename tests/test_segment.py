@@ -546,6 +546,24 @@ def test_crowded_window_is_run_again_as_smaller_windows():
     assert len(whole) <= 12 < len(split)  # the one window's budget caps it; the pieces each have theirs
 
 
+def test_crowded_score_sets_which_detections_count_for_the_crowded_test():
+    """Detections kept down to a low score need not make a window crowded (as test-time augmentation keeps them)."""
+    model = build_mask_rcnn(seed=0).eval()
+    set_test_proposals(model, 60, 12)
+    image = _scene((240, 256), [(60.0, 60.0, 25.0, 2.5)], seed=4)
+    kwargs = {"model": model, "window_size": 256, "overlap": 48, "score_threshold": 0.0, "skip_empty": False}
+    seen = _window_sizes(model)
+    counted_from_zero = detect(image, crowded_score=0.0, **kwargs)
+    assert set(seen[1:]) == {(128, 128)}  # as by default: every kept detection counts, the window is split
+    _assert_same(counted_from_zero, detect(image, **kwargs))
+    seen.clear()
+    none_count = detect(image, crowded_score=1.0, **kwargs)  # an untrained model scores below 1
+    assert set(seen) == {(256, 256)}
+    _assert_same(none_count, detect(image, split_crowded=False, **kwargs))  # kept detections are unchanged
+    with pytest.raises(ValueError, match=r"crowded_score must be None or a number in \[0, 1\], got 2"):
+        detect(image, crowded_score=2, **kwargs)
+
+
 def test_uncrowded_and_small_windows_are_not_split():
     model = build_mask_rcnn(seed=0).eval()
     image = _scene((240, 256), [(60.0, 60.0, 25.0, 2.5)], seed=4)

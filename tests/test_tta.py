@@ -9,6 +9,7 @@ from test_segment import ThresholdModel
 
 from deblend.segment import Instances, detect
 from deblend.tta import (
+    CROWDED_SCORE,
     FLIPS,
     MEMBER_SCORE_THRESHOLD,
     TTA_SCORE_THRESHOLD,
@@ -185,3 +186,17 @@ def test_detect_tta_respects_the_mask_and_checks_its_arguments():
 
 def test_defaults_are_ordered():
     assert 0 < MEMBER_SCORE_THRESHOLD < TTA_SCORE_THRESHOLD < 1
+
+
+def test_detect_tta_counts_crowded_windows_from_the_single_pass_threshold(monkeypatch):
+    import deblend.segment
+
+    seen = []
+    real = deblend.segment.detect
+    monkeypatch.setattr(deblend.segment, "detect", lambda *a, **k: seen.append(k) or real(*a, **k))
+    detect_tta(_sources_image(), model=ThresholdModel(), window_size=64, overlap=16)
+    assert [k["crowded_score"] for k in seen] == [CROWDED_SCORE] * 4
+    assert [k["score_threshold"] for k in seen] == [MEMBER_SCORE_THRESHOLD] * 4
+    seen.clear()
+    detect_tta(_sources_image(), model=ThresholdModel(), window_size=64, overlap=16, crowded_score=0.3)
+    assert [k["crowded_score"] for k in seen] == [0.3] * 4
