@@ -17,9 +17,10 @@ back (`flip_instances`), and fuses them (`fuse_detections`):
 4. groups with ``det_score >= score_threshold`` are kept.
 
 Averaging over orientations removes the part of the network's errors that
-depends on how a source sits on the pixel grid: on simulated scenes it
-raised recall on blended sources and the masks' IoU at equal precision, for
-four times the detection time (see the README). The threshold on the fused
+depends on how a source sits on the pixel grid: on the simulated quality
+benchmark it raised recall on blended sources and the masks' IoU at about
+the same precision, for four times the detection time (twice the whole
+pipeline's; see the README). The threshold on the fused
 score, `TTA_SCORE_THRESHOLD`, was chosen on the tuning scenes of
 pipelines/tune_postprocessing.py.
 
