@@ -630,7 +630,8 @@ def provenance_cards(*, method=None, weights_id=None, input_path=None, extra=Non
     weights_id : str, optional
     input_path : str, optional
     extra : dict, optional
-        More ``keyword: value`` pairs (keywords of at most 8 characters).
+        More ``keyword: value`` or ``keyword: (value, comment)`` pairs
+        (keywords of at most 8 characters).
 
     Returns
     -------
@@ -648,7 +649,7 @@ def provenance_cards(*, method=None, weights_id=None, input_path=None, extra=Non
     if input_path is not None:
         cards.append(("DBINPUT", _fits_text(Path(input_path).name)[:68], "input file"))
     for key, value in (extra or {}).items():
-        cards.append((key, value, ""))
+        cards.append((key, *value) if isinstance(value, tuple) else (key, value, ""))
     return cards
 
 
@@ -698,7 +699,7 @@ def write_image(path, data, *, header=None, wcs=None, extensions=None, overwrite
 
 
 def write_segmentation(path, labels, *, wcs=None, header=None, method=None, weights_id=None,
-                       input_path=None, extensions=None, overwrite=False):
+                       input_path=None, settings=None, extensions=None, overwrite=False):
     """Write a segmentation map: int32 labels, the input's WCS, provenance keywords.
 
     Parameters
@@ -713,6 +714,9 @@ def write_segmentation(path, labels, *, wcs=None, header=None, method=None, weig
         Input header, from which a few descriptive keywords are kept when there is no WCS.
     method, weights_id, input_path : str, optional
         Provenance recorded in the header.
+    settings : dict, optional
+        The deblender's settings as ``keyword: (value, comment)`` header cards
+        (`deblend.pipeline.Deblender.settings`).
     extensions : dict of str to ndarray, optional
         Extra image HDUs (e.g. ``UNCERTAINTY``).
     overwrite : bool, optional
@@ -722,7 +726,8 @@ def write_segmentation(path, labels, *, wcs=None, header=None, method=None, weig
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D (ny, nx), got shape {labels.shape}")
     hdr = _base_header(header, wcs)
-    for key, value, comment in provenance_cards(method=method, weights_id=weights_id, input_path=input_path):
+    for key, value, comment in provenance_cards(method=method, weights_id=weights_id, input_path=input_path,
+                                                extra=settings):
         hdr[key] = (value, comment)
     hdr["NSOURCES"] = (int(labels.max()) if labels.size else 0, "number of labelled sources")
     hdr["EXTNAME"] = "SEGMAP"

@@ -99,7 +99,7 @@ def run_windowed(path, deblender, *, window_size=WINDOW_SIZE, margin=WINDOW_MARG
         labels = np.zeros((ny, nx), dtype=np.int32)
         tables, extensions, left_out = [], {}, set()
         n_labels, n_groups, any_pixel = 0, 0, False
-        method, weights_id = deblender.method, None
+        method, weights_id, settings = deblender.method, None, {}
         for number, window in enumerate(windows, start=1):
             image = sections.read(window.y0, window.y1, window.x0, window.x1)
             if image.mask.all():
@@ -108,7 +108,7 @@ def run_windowed(path, deblender, *, window_size=WINDOW_SIZE, margin=WINDOW_MARG
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NoSourcesWarning)  # one empty window says nothing of the image
                 result = deblender.run(image)
-            weights_id = result.weights_id
+            weights_id, settings = result.weights_id, result.settings
             table, n_labels = _keep_owned(result, window, labels, n_labels)
             if len(table) and "blend_id" in table.colnames:  # blend groups numbered per window: make them unique
                 ids = np.asarray(table["blend_id"])
@@ -133,7 +133,7 @@ def run_windowed(path, deblender, *, window_size=WINDOW_SIZE, margin=WINDOW_MARG
                             band_names=list(sections.band_names))
     log.info("%s: %d sources from %d windows (%s)", path, len(catalog), len(windows), method)
     return DeblendResult(labels=labels, catalog=catalog, image=placeholder, method=method, weights_id=weights_id,
-                         extensions=extensions)
+                         extensions=extensions, settings=settings)
 
 
 def _keep_owned(result, window, labels, n_labels):

@@ -226,6 +226,24 @@ class Deblender:
                 "half": self.half, "refine": self.refine, "n_samples": self.n_samples if self.refine else None,
                 "seg_err_scale": self.seg_err_scale, "claim_threshold": self.claim_threshold}
 
+    def settings(self):
+        """The settings that shape the outputs, as FITS cards ``{keyword: (value, comment)}``.
+
+        Written into the segmentation file's header and the catalog's ``meta``
+        (values only), beside the method and weights id, so an output says how
+        it was made. The full configuration is `config` (and ``manifest.jsonl``).
+        """
+        cards = {"DBREFINE": (bool(self.refine), "probabilistic U-Net refinement of blends")}
+        if self.method not in CLASSICAL:
+            opts = self.options
+            cards.update({
+                "DBSCORE": (float(opts["score_threshold"]), "minimum detection score"),
+                "DBTTA": (bool(opts["tta"]), "test-time augmentation (four flips, fused)"),
+                "DBCOARSE": (bool(opts["coarse_pass"]), "coarse pass on the image binned 2x2"),
+                "DBWINDOW": (int(opts["window_size"]), "network window (pixels)"),
+            })
+        return cards
+
     def run(self, image, **read_options):
         """Deblend one image.
 
@@ -275,6 +293,8 @@ class Deblender:
             catalog["class"] = instances.class_names.astype("U6")
             catalog["class_prob"] = instances.class_prob.astype("float32")
             catalog["det_score"] = instances.det_score.astype("float32")
+        settings = self.settings()
+        catalog.meta.update({key: value for key, (value, _) in settings.items()})
         extensions = {}
         if refinement is not None:
             add_blend_columns(catalog, refinement, band_names=image.band_names, seg_err_scale=self.seg_err_scale)
@@ -285,7 +305,7 @@ class Deblender:
             warnings.warn(f"{image.path}: no sources detected", NoSourcesWarning, stacklevel=2)
         log.info("%s: %d sources (%s)", image.path, len(catalog), self.method)
         return DeblendResult(labels=labels, catalog=catalog, image=image, method=self.method,
-                             weights_id=self.weights_id, extensions=extensions)
+                             weights_id=self.weights_id, extensions=extensions, settings=settings)
 
     def _segment(self, prepared, normalized):
         """Mask R-CNN over the normalised detection image → (labels, kept instances in label order)."""

@@ -117,6 +117,10 @@ class DeblendResult:
         Identifier of the model weights (None for classical methods).
     extensions : dict of str to ndarray
         Extra planes written as image HDUs of the segmentation file.
+    settings : dict
+        The settings that shaped the result, as FITS cards ``keyword: (value,
+        comment)`` (`deblend.pipeline.Deblender.settings`), written into the
+        segmentation file's header.
     """
 
     labels: np.ndarray
@@ -125,6 +129,7 @@ class DeblendResult:
     method: str
     weights_id: str | None = None
     extensions: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
 
     @property
     def n_sources(self):
@@ -359,7 +364,8 @@ class DeblendResult:
         with atomic_path(paths["segmentation"]) as seg_tmp, atomic_path(paths["catalog"]) as cat_tmp:
             write_segmentation(seg_tmp, self.labels, wcs=self.image.wcs, header=self.image.header,
                                method=self.method, weights_id=self.weights_id,
-                               input_path=self.image.path, extensions=self.extensions, overwrite=True)
+                               input_path=self.image.path, settings=self.settings, extensions=self.extensions,
+                               overwrite=True)
             write_catalog(self.catalog, cat_tmp, format=format, overwrite=True)
         log.info("%s: wrote %d sources to %s", self.image.path, self.n_sources, paths["catalog"])
         if quicklook and not self._write_quicklook(paths["quicklook"]):

@@ -366,3 +366,20 @@ def test_claim_threshold_from_model_card_or_argument(scene, tiny_refiner, tmp_pa
     for bad in (1.0, "high"):
         with pytest.raises(ValueError, match="claim_threshold"):
             Deblender("sep", refine=True, refine_weights=tiny_refiner, claim_threshold=bad)
+
+
+@pytest.mark.filterwarnings("ignore::deblend.exceptions.NoSourcesWarning")  # noise only
+def test_settings_are_written_into_the_outputs(untrained_weights, tmp_path):
+    image = np.random.default_rng(1).normal(0, 1, (64, 64)).astype(np.float32)
+    sep = Deblender("sep").run(image)
+    assert sep.settings == {"DBREFINE": (False, "probabilistic U-Net refinement of blends")}
+    tta = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16, refine=False, tta=True)
+    result = tta.run(image)
+    assert {k: v for k, (v, _) in result.settings.items()} == {
+        "DBREFINE": False, "DBSCORE": 0.4, "DBTTA": True, "DBCOARSE": False, "DBWINDOW": 64}
+    paths = result.write(tmp_path, stem="noise")
+    header = fits.getheader(paths["segmentation"])
+    assert header["DBTTA"] is True and header["DBSCORE"] == 0.4 and header["DBWINDOW"] == 64
+    assert header.comments["DBTTA"].startswith("test-time augmentation")
+    meta = read_catalog(paths["catalog"]).meta
+    assert meta["DBTTA"] is True and meta["DBREFINE"] is False
