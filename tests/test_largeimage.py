@@ -68,6 +68,7 @@ def test_windowed_result_writes(large_file, tmp_path):
     labels, header = read_segmentation(paths["segmentation"])
     np.testing.assert_array_equal(labels, result.labels)
     assert header["DBINPUT"] == "large.fits" and "CTYPE1" in header
+    assert header["DBREFINE"] is False  # the deblender's settings, as for one image
     assert len(read_catalog(paths["catalog"])) == len(result.catalog)
 
 
