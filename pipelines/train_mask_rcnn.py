@@ -142,6 +142,8 @@ def main():
                    help="proposals sampled per training image for the box head (torchvision: 512)"),
     p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
                    help="RPN proposals the saved model keeps at inference, before/after NMS (training unaffected)")
+    p.add_argument("--scene-shape", default=None, metavar="NY,NX",
+                   help="training scenes' shape in pixels (default 128,128; the validation scenes stay 128x128)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
     p.add_argument("--workers", type=int, default=2, help="processes for simulating scenes")
     p.add_argument("--cache", default="runs/train_cache")
@@ -163,15 +165,26 @@ def main():
         if len(r_half_max) != 2 or not 0 < r_half_max[0] <= r_half_max[1]:
             p.error(f"--r-half-max must be LO,HI in arcsec with 0 < LO <= HI, got {args.r_half_max!r}; "
                     "e.g. --r-half-max 1.5,4")
+    shape = ConditionRanges.shape
+    if args.scene_shape:
+        try:
+            shape = tuple(int(n) for n in args.scene_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 2 or min(shape) < 32:
+            p.error(f"--scene-shape must be NY,NX in pixels, each at least 32, got {args.scene_shape!r}; "
+                    "e.g. --scene-shape 256,256")
     if not 0 <= args.space_fraction <= 1:
         p.error(f"--space-fraction must be a fraction in [0, 1], got {args.space_fraction!r}")
     ranges = ConditionRanges(correlated_fraction=args.correlated_fraction, r_half_max=r_half_max,
-                             space_fraction=args.space_fraction)
+                             space_fraction=args.space_fraction, shape=shape)
     suffix = f"_corr{args.correlated_fraction:g}" if args.correlated_fraction else ""
     if r_half_max != ConditionRanges.r_half_max:
         suffix += f"_rhalf{r_half_max[0]:g}-{r_half_max[1]:g}"
     if args.space_fraction:
         suffix += f"_space{args.space_fraction:g}"
+    if shape != ConditionRanges.shape:
+        suffix += f"_shape{shape[0]}x{shape[1]}"
     train = cached_examples(cache / f"train_{args.train_seed}_{args.n_train}{suffix}.npz", args.n_train,
                             args.train_seed, args.workers, ranges)
     val = cached_examples(cache / f"val_{args.val_seed}_{args.n_val}.npz", args.n_val, args.val_seed,
