@@ -110,6 +110,15 @@ def cached_examples(path, n, seed, workers, ranges=None):
     return examples
 
 
+def _pair(text, cast):
+    """``'A,B'`` as a tuple of two ``cast`` values, or ``()`` when it is not one."""
+    try:
+        values = tuple(cast(v) for v in text.split(","))
+    except ValueError:
+        return ()
+    return values if len(values) == 2 else ()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-train", type=int, default=2500)
@@ -158,20 +167,14 @@ def main():
     cache = Path(args.cache)
     r_half_max = ConditionRanges.r_half_max
     if args.r_half_max:
-        try:
-            r_half_max = tuple(float(r) for r in args.r_half_max.split(","))
-        except ValueError:
-            r_half_max = ()
-        if len(r_half_max) != 2 or not 0 < r_half_max[0] <= r_half_max[1]:
+        r_half_max = _pair(args.r_half_max, float)
+        if not r_half_max or not 0 < r_half_max[0] <= r_half_max[1]:
             p.error(f"--r-half-max must be LO,HI in arcsec with 0 < LO <= HI, got {args.r_half_max!r}; "
                     "e.g. --r-half-max 1.5,4")
     shape = ConditionRanges.shape
     if args.scene_shape:
-        try:
-            shape = tuple(int(n) for n in args.scene_shape.split(","))
-        except ValueError:
-            shape = ()
-        if len(shape) != 2 or min(shape) < 32:
+        shape = _pair(args.scene_shape, int)
+        if not shape or min(shape) < 32:
             p.error(f"--scene-shape must be NY,NX in pixels, each at least 32, got {args.scene_shape!r}; "
                     "e.g. --scene-shape 256,256")
     if not 0 <= args.space_fraction <= 1:

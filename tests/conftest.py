@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +162,16 @@ def restore_logging():
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+def load_pipeline_script(name):
+    """Import ``pipelines/<name>.py`` as a module (scripts import their neighbours, e.g. benchmark_quality)."""
+    pipelines = Path(__file__).resolve().parents[1] / "pipelines"
+    sys.path.insert(0, str(pipelines))
+    try:
+        spec = importlib.util.spec_from_file_location(f"deblend_script_{name}", pipelines / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(pipelines))
+    return module

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_pipeline_script
 
 from deblend.training import ConditionRanges
 
@@ -16,15 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def gen():
-    sys.path.insert(0, str(ROOT / "pipelines"))  # the script imports benchmark_quality beside it
-    try:
-        spec = importlib.util.spec_from_file_location("deblend_generalisation_script",
-                                                      ROOT / "pipelines" / "benchmark_generalisation.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "pipelines"))
-    return module
+    return load_pipeline_script("benchmark_generalisation")
 
 
 def _configs(gen, key, n=6):

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_pipeline_script
 
 
 @pytest.fixture(scope="module")
 def diag():
-    sys.path.insert(0, str(ROOT / "pipelines"))  # the script imports benchmark_quality beside it
-    try:
-        spec = importlib.util.spec_from_file_location("deblend_diagnose_script",
-                                                      ROOT / "pipelines" / "diagnose_blends.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "pipelines"))
-    return module
+    return load_pipeline_script("diagnose_blends")
 
 
 def test_report_counts_fates_and_bins(diag):
