@@ -26,7 +26,8 @@ CLASSICAL = {
     "sep": sep_labels,
     "photutils": photutils_labels,
 }
-#: Default minimum detection score of a Mask R-CNN instance (one pass, no test-time augmentation).
+#: Default minimum detection score of a Mask R-CNN instance (one pass, no test-time augmentation);
+#: `deblend.segment.SCORE_THRESHOLD`, repeated here so that this module needs no torch.
 SCORE_THRESHOLD = 0.5
 #: Every method `Deblender` knows; the first is the default.
 METHODS = ("mask-rcnn", "sep", "photutils")
@@ -106,8 +107,9 @@ class Deblender:
         Test-time augmentation (`deblend.tta`): detect on the image and on
         its three flips, and keep the sources the passes agree on, with
         their masks averaged. On simulated scenes it raised recall of
-        blended sources and mask IoU at equal precision, for about four
-        times the detection time (see the README). Off by default.
+        blended sources and mask IoU at about the same precision, for four
+        times the detection time (twice the whole run's; see the README).
+        Off by default.
     refine : bool, optional
         Re-segment blend groups with the probabilistic U-Net
         (`deblend.refine`). Default: True for ``'mask-rcnn'``, False for the

@@ -55,6 +55,9 @@ CROWDED_FRACTION = 0.5
 MIN_SPLIT_SIZE = 64
 
 
+#: Default minimum ``det_score`` of a detection (one pass).
+SCORE_THRESHOLD = 0.5
+
 @dataclass
 class Instances:
     """Detected sources of one image, in global pixel coordinates.
@@ -405,7 +408,7 @@ def _check_model_device(model, device):
 
 
 def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_size=4,
-           device="cpu", score_threshold=0.5, skip_empty=True, progress=False, half=False,
+           device="cpu", score_threshold=SCORE_THRESHOLD, skip_empty=True, progress=False, half=False,
            split_crowded=True, crowded_score=None):
     """Detect and segment every source of an image with an instance segmenter.
 

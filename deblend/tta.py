@@ -53,7 +53,7 @@ MEMBER_SCORE_THRESHOLD = 0.2
 #: (`deblend.segment.detect`'s ``crowded_score``): the single-pass default threshold, at which
 #: the test's limit was set. Counted from ``MEMBER_SCORE_THRESHOLD`` instead, windows of
 #: ordinary density would pass as crowded and be run again at half size for nothing.
-CROWDED_SCORE = 0.5
+CROWDED_SCORE = segment.SCORE_THRESHOLD
 
 
 def _check_fraction(name, value, example):
