@@ -53,10 +53,9 @@ log = logging.getLogger(__name__)
 CROWDED_FRACTION = 0.5
 #: Crowded windows are split into windows of half their size, but not below this many pixels.
 MIN_SPLIT_SIZE = 64
-
-
 #: Default minimum ``det_score`` of a detection (one pass).
 SCORE_THRESHOLD = 0.5
+
 
 @dataclass
 class Instances:
