@@ -369,6 +369,15 @@ def _lr_factor(step, progress, cfg):
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _loggable(record):
+    """A logged record for display: losses to 4 decimals, the learning rate to 3 significant digits.
+
+    (Rounded to 4 decimals, a learning rate below 5e-5 would read 0.0.)
+    """
+    return {k: (float(f"{v:.3g}") if k == "lr" else round(v, 4)) if isinstance(v, float) else v
+            for k, v in record.items()}
+
+
 def _save_checkpoint(path, model, optimizer, step, history):
     tmp = Path(path).with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -456,8 +465,7 @@ def fit(model, batch_loss, *, config, validate=None, checkpoint_dir=None, resume
                 record.update(validate())
                 model.train()
             history.append(record)
-            log.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v
-                                            for k, v in record.items()})
+            log.info("step %d: %s", step, _loggable(record))
         if ckpt is not None and step % cfg.checkpoint_every == 0:
             _save_checkpoint(ckpt, model, optimizer, step, history)
     if ckpt is not None:

@@ -141,6 +141,13 @@ def main():
     p.add_argument("--space-fraction", type=float, default=0.0,
                    help="fraction of space-telescope-like training scenes (0.04-0.1\"/pix, PSF 0.1-0.3\", "
                         "300-1500 sources/arcmin^2)")
+    p.add_argument("--blend-fraction", default=None, metavar="LO,HI",
+                   help="range of the fraction of primaries given a close companion (uniform; default "
+                        "0.2,0.8); a higher range shows the network more faint companions beside brighter "
+                        "sources")
+    p.add_argument("--density", default=None, metavar="LO,HI",
+                   help="range of the drawn source density, sources per arcmin^2 (log-uniform; default "
+                        "40,400)")
     p.add_argument("--mask-head-channels", default=None,
                    help="comma-separated widths of a new mask head (e.g. 32,32), replacing the --init-from "
                         "model's; everything else keeps its weights")
@@ -177,15 +184,32 @@ def main():
         if not shape or min(shape) < 32:
             p.error(f"--scene-shape must be NY,NX in pixels, each at least 32, got {args.scene_shape!r}; "
                     "e.g. --scene-shape 256,256")
+    blend_fraction = ConditionRanges.blend_fraction
+    if args.blend_fraction:
+        blend_fraction = _pair(args.blend_fraction, float)
+        if not blend_fraction or not 0 <= blend_fraction[0] <= blend_fraction[1] <= 1:
+            p.error(f"--blend-fraction must be LO,HI with 0 <= LO <= HI <= 1, got {args.blend_fraction!r}; "
+                    "e.g. --blend-fraction 0.5,0.9")
+    density = ConditionRanges.density
+    if args.density:
+        density = _pair(args.density, float)
+        if not density or not 0 < density[0] <= density[1]:
+            p.error(f"--density must be LO,HI in sources per arcmin^2 with 0 < LO <= HI, got {args.density!r}; "
+                    "e.g. --density 100,400")
     if not 0 <= args.space_fraction <= 1:
         p.error(f"--space-fraction must be a fraction in [0, 1], got {args.space_fraction!r}")
     ranges = ConditionRanges(correlated_fraction=args.correlated_fraction, r_half_max=r_half_max,
-                             space_fraction=args.space_fraction, shape=shape)
+                             space_fraction=args.space_fraction, shape=shape, blend_fraction=blend_fraction,
+                             density=density)
     suffix = f"_corr{args.correlated_fraction:g}" if args.correlated_fraction else ""
     if r_half_max != ConditionRanges.r_half_max:
         suffix += f"_rhalf{r_half_max[0]:g}-{r_half_max[1]:g}"
     if args.space_fraction:
         suffix += f"_space{args.space_fraction:g}"
+    if blend_fraction != ConditionRanges.blend_fraction:
+        suffix += f"_blend{blend_fraction[0]:g}-{blend_fraction[1]:g}"
+    if density != ConditionRanges.density:
+        suffix += f"_density{density[0]:g}-{density[1]:g}"
     if shape != ConditionRanges.shape:
         suffix += f"_shape{shape[0]}x{shape[1]}"
     train = cached_examples(cache / f"train_{args.train_seed}_{args.n_train}{suffix}.npz", args.n_train,

@@ -98,19 +98,29 @@ def test_widened_conditions_reach_the_card_and_the_cache_name(tmp_path, stage1):
     assert (tmp_path / "cache" / "train_0_4_rhalf1.5-4_space0.25.npz").exists()  # not the default scenes' cache
 
 
-def test_scene_shape_reaches_the_card_and_the_cache_name(tmp_path, stage1):
-    out = tmp_path / "wide.pt"
-    card = _train(tmp_path, out, "--checkpoints", str(tmp_path / "ckw"), "--init-from", str(stage1[0]),
-                  "--scene-shape", "96,64")
-    assert card["data"]["conditions"]["shape"] == [96, 64]
-    assert (tmp_path / "cache" / "train_0_4_shape96x64.npz").exists()
+@pytest.mark.parametrize("option, value, key, recorded, suffix", [
+    ("--scene-shape", "96,64", "shape", [96, 64], "shape96x64"),
+    ("--blend-fraction", "0.5,0.9", "blend_fraction", [0.5, 0.9], "blend0.5-0.9"),
+    ("--density", "100,400", "density", [100.0, 400.0], "density100-400"),
+])
+def test_condition_ranges_reach_the_card_and_the_cache_name(tmp_path, stage1, option, value, key, recorded,
+                                                            suffix):
+    out = tmp_path / "stage.pt"
+    card = _train(tmp_path, out, "--checkpoints", str(tmp_path / "ck"), "--init-from", str(stage1[0]),
+                  option, value)
+    assert card["data"]["conditions"][key] == recorded
+    assert (tmp_path / "cache" / f"train_0_4_{suffix}.npz").exists()
 
 
 @pytest.mark.parametrize("args, message", [(["--r-half-max", "4,1.5"], "--r-half-max must be LO,HI"),
                                            (["--r-half-max", "big"], "--r-half-max must be LO,HI"),
                                            (["--space-fraction", "2"], "--space-fraction must be a fraction"),
                                            (["--scene-shape", "256"], "--scene-shape must be NY,NX"),
-                                           (["--scene-shape", "16,16"], "--scene-shape must be NY,NX")])
+                                           (["--scene-shape", "16,16"], "--scene-shape must be NY,NX"),
+                                           (["--blend-fraction", "0.9,0.5"], "--blend-fraction must be LO,HI"),
+                                           (["--blend-fraction", "0.5,1.5"], "--blend-fraction must be LO,HI"),
+                                           (["--density", "0,400"], "--density must be LO,HI"),
+                                           (["--density", "many"], "--density must be LO,HI")])
 def test_bad_condition_options_are_refused(tmp_path, args, message):
     run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.pt"), *args],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

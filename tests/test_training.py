@@ -9,6 +9,7 @@ from deblend.training import (
     ConditionRanges,
     SceneDataset,
     TrainConfig,
+    _loggable,
     collate,
     compute_losses,
     freeze_except,
@@ -172,3 +173,8 @@ def test_freeze_except_trains_only_the_mask_branch(examples, tmp_path):
 def test_freeze_except_rejects_unknown_prefixes():
     with pytest.raises(ValueError, match="prefixes=.*named_parameters"):
         freeze_except(build_mask_rcnn(seed=0), ("no_such_module.",))
+
+
+def test_logged_learning_rate_keeps_its_significant_digits():
+    shown = _loggable({"step": 3000, "lr": 1.234567e-5, "loss_mask": 0.123456, "val_loss": 1.4})
+    assert shown == {"step": 3000, "lr": 1.23e-5, "loss_mask": 0.1235, "val_loss": 1.4}
