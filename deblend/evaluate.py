@@ -53,6 +53,13 @@ recall by separation
     1 FWHM are barely resolved by any method; the bins show where a
     deblender's recall is lost. Keys ``recall_nn_0_1``, ``recall_nn_1_2``,
     ``recall_nn_2_3``, ``recall_nn_3_up`` (`SEPARATION_EDGES`).
+blended recall by S/N
+    Blended recall binned by the truth ``snr`` column: below 10, 10-20,
+    20-50 and 50 or more (`SNR_EDGES`; sources without a finite ``snr`` are
+    left out). Faint companions are where every deblender loses most
+    blended sources. Keys ``blended_recall_snr_0_10`` ...
+    ``blended_recall_snr_50_up``, with the counts per bin in
+    ``n_blended_by_snr``.
 merged
     Counted truth sources that are unmatched *and* whose true centre pixel
     lies inside a predicted segment that is matched to another truth
@@ -96,6 +103,7 @@ from deblend.exceptions import InputError
 
 __all__ = [
     "SEPARATION_EDGES",
+    "SNR_EDGES",
     "match_sources",
     "evaluate_image",
     "summarize",
@@ -117,10 +125,21 @@ _CATALOG_SEARCH = ("fits", "ecsv", "csv", "parquet", "votable")
 SEPARATION_EDGES = (0.0, 1.0, 2.0, 3.0, math.inf)
 
 
+#: Bin edges of the truth S/N for blended recall by S/N.
+SNR_EDGES = (0.0, 10.0, 20.0, 50.0, math.inf)
+
+
+def _bin_names(edges):
+    return [f"{int(lo)}_{int(hi)}" if math.isfinite(hi) else f"{int(lo)}_up"
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+
+
 def _separation_keys():
-    names = [f"{int(lo)}_{int(hi)}" if math.isfinite(hi) else f"{int(lo)}_up"
-             for lo, hi in zip(SEPARATION_EDGES[:-1], SEPARATION_EDGES[1:], strict=True)]
-    return [f"recall_nn_{n}" for n in names]
+    return [f"recall_nn_{n}" for n in _bin_names(SEPARATION_EDGES)]
+
+
+def _snr_keys():
+    return [f"blended_recall_snr_{n}" for n in _bin_names(SNR_EDGES)]
 
 
 #: Keys of `evaluate_image` results that `summarize` sums.
@@ -603,6 +622,10 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
     bins = np.digitize(_neighbour_distance(truth["x"], truth["y"]) / fwhm, SEPARATION_EDGES[1:-1])
     n_sep = np.bincount(bins[counted], minlength=len(SEPARATION_EDGES) - 1)
     tp_sep = np.bincount(bins[tp_t], minlength=len(SEPARATION_EDGES) - 1)
+    snr_bins = np.digitize(np.nan_to_num(truth["snr"], nan=-1.0), SNR_EDGES[1:-1])
+    in_snr = blended & counted & np.isfinite(truth["snr"])
+    n_snr = np.bincount(snr_bins[in_snr], minlength=len(SNR_EDGES) - 1)
+    tp_snr = np.bincount(snr_bins[tp_t][in_snr[tp_t]], minlength=len(SNR_EDGES) - 1)
     return {
         "n_truth": n_truth,
         "n_truth_total": int(truth["id"].size),
@@ -623,6 +646,8 @@ def evaluate_image(pred_labels, pred_catalog, truth_labels, truth_table, *, fwhm
         "shredded": shredded,
         "n_by_separation": [int(v) for v in n_sep],
         "tp_by_separation": [int(v) for v in tp_sep],
+        "n_blended_by_snr": [int(v) for v in n_snr],
+        "tp_blended_by_snr": [int(v) for v in tp_snr],
         "fwhm_pixels": fwhm,
         "min_snr": min_snr,
     }
@@ -663,7 +688,9 @@ def summarize(per_image_results):
         ``star_galaxy_accuracy`` (None when no image
         was scored for class), the recall by nearest-neighbour separation
         (``recall_nn_0_1`` ... ``recall_nn_3_up``) with the counted truth
-        sources per bin (``n_by_separation``), ``merged``, ``shredded``, ``n_images``,
+        sources per bin (``n_by_separation``), blended recall by truth S/N
+        (``blended_recall_snr_0_10`` ... ``blended_recall_snr_50_up``, counts
+        in ``n_blended_by_snr``), ``merged``, ``shredded``, ``n_images``,
         ``n_missing``, ``n_truth``, ``n_pred``, ``n_pred_ignored``, ``tp``,
         ``fp``, ``fn``, ``n_blended``, ``tp_blended``. Undefined ratios are NaN.
 
@@ -681,6 +708,8 @@ def summarize(per_image_results):
     n_missing = 0
     n_sep = np.zeros(len(SEPARATION_EDGES) - 1, dtype=np.int64)
     tp_sep = np.zeros_like(n_sep)
+    n_snr = np.zeros(len(SNR_EDGES) - 1, dtype=np.int64)
+    tp_snr = np.zeros_like(n_snr)
     for i, res in enumerate(results):
         lacking = [k for k in (*_COUNT_KEYS, "iou_sum", "flux_rel_errors") if k not in res]
         if lacking:
@@ -699,6 +728,8 @@ def summarize(per_image_results):
         n_missing += bool(res.get("missing", False))
         n_sep += np.asarray(res.get("n_by_separation", 0), dtype=np.int64)
         tp_sep += np.asarray(res.get("tp_by_separation", 0), dtype=np.int64)
+        n_snr += np.asarray(res.get("n_blended_by_snr", 0), dtype=np.int64)
+        tp_snr += np.asarray(res.get("tp_blended_by_snr", 0), dtype=np.int64)
     tp, fp, fn = totals["tp"], totals["fp"], totals["fn"]
     flux = np.asarray(flux, dtype=float)
     summary = {
@@ -719,6 +750,8 @@ def summarize(per_image_results):
         "n_missing": n_missing,
         **{key: _ratio(t, n) for key, t, n in zip(_separation_keys(), tp_sep, n_sep, strict=True)},
         "n_by_separation": [int(v) for v in n_sep],
+        **{key: _ratio(t, n) for key, t, n in zip(_snr_keys(), tp_snr, n_snr, strict=True)},
+        "n_blended_by_snr": [int(v) for v in n_snr],
     }
     for key in ("n_truth", "n_pred", "n_pred_ignored", "tp", "fp", "fn", "n_blended",
                 "tp_blended"):

@@ -217,6 +217,7 @@ def main():
     for level, per in by_noise.items():
         lines.append(f"| {level} | " + " | ".join(f"{per[m]['blended_recall']:.3f}" for m in names) + " |")
     lines += separation_table(results)
+    lines += snr_table(results)
     lines += flux_table(by_column, reference)
     (out / f"quality{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -237,6 +238,21 @@ def separation_table(results):
              "", "| separation | truth sources | " + " | ".join(r["method"] for r in results) + " |",
              "| --- | --- |" + " --- |" * len(results)]
     for label, key, n in zip(SEPARATION_LABELS, keys, counts, strict=True):
+        lines.append(f"| {label} | {n} | " + " | ".join(f"{r['summary'][key]:.3f}" for r in results) + " |")
+    return lines
+
+
+SNR_LABELS = ("5-10", "10-20", "20-50", ">= 50")  # the scenes hold no source below S/N 5
+
+
+def snr_table(results):
+    """Markdown lines: blended recall per bin of truth S/N (`deblend.evaluate.SNR_EDGES`), one column per method."""
+    keys = [k for k in results[0]["summary"] if k.startswith("blended_recall_snr_")]
+    counts = results[0]["summary"]["n_blended_by_snr"]
+    lines = ["", "Blended recall by the source's truth S/N:", "",
+             "| S/N | blended sources | " + " | ".join(r["method"] for r in results) + " |",
+             "| --- | --- |" + " --- |" * len(results)]
+    for label, key, n in zip(SNR_LABELS, keys, counts, strict=True):
         lines.append(f"| {label} | {n} | " + " | ".join(f"{r['summary'][key]:.3f}" for r in results) + " |")
     return lines
 

@@ -236,6 +236,25 @@ def test_blended_recall_only_over_blended_truth():
     assert s["blended_recall"] == pytest.approx(0.5)
 
 
+def test_blended_recall_by_snr():
+    # six blended sources of S/N 7, 8, 15, 30, 80 and nan, one isolated; the S/N 8 and 80 ones are missed
+    xy = [(5.0, 5.0), (15.0, 5.0), (25.0, 5.0), (5.0, 20.0), (15.0, 20.0), (25.0, 20.0), (5.0, 35.0)]
+    truth_labels = label_map([(i + 1, x, y, 2) for i, (x, y) in enumerate(xy)])
+    truth = truth_table(xy, blended=[True] * 6 + [False], snr=[7, 8, 15, 30, 80, np.nan, 9])
+    found = [0, 2, 3, 5, 6]
+    pred_labels = label_map([(k + 1, xy[i][0], xy[i][1], 2) for k, i in enumerate(found)])
+    cat = pred_catalog(list(range(1, len(found) + 1)), [xy[i] for i in found])
+    res = evaluate_image(pred_labels, cat, truth_labels, truth, fwhm_pixels=2.0)
+    assert res["n_blended_by_snr"] == [2, 1, 1, 1]  # no S/N, not binned; isolated, not counted
+    assert res["tp_blended_by_snr"] == [1, 1, 1, 0]
+    s = summarize([res, res])
+    assert s["n_blended_by_snr"] == [4, 2, 2, 2]
+    assert [s[f"blended_recall_snr_{k}"] for k in ("0_10", "10_20", "20_50", "50_up")] == [0.5, 1.0, 1.0, 0.0]
+    # only counted sources: with min_snr=10 the S/N 7 and 8 ones drop out
+    bright = evaluate_image(pred_labels, cat, truth_labels, truth, fwhm_pixels=2.0, min_snr=10)
+    assert bright["n_blended_by_snr"] == [0, 1, 1, 1]
+
+
 def test_recall_by_neighbour_separation():
     # fwhm 2 px: a pair 1.5 px apart (< 1 FWHM), a pair 3 px apart (1-2 FWHM), an isolated source
     xy = [(5.0, 5.0), (6.5, 5.0), (20.0, 5.0), (23.0, 5.0), (12.0, 25.0)]
