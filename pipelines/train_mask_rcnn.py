@@ -119,6 +119,16 @@ def _pair(text, cast):
     return values if len(values) == 2 else ()
 
 
+def _pair_option(parser, option, text, default, cast, valid, requirement, example):
+    """The ``A,B`` value of ``option`` (``default`` when not given); a parser error names the fix."""
+    if not text:
+        return default
+    value = _pair(text, cast)
+    if not value or not valid(value):
+        parser.error(f"{option} must be {requirement}, got {text!r}; e.g. {option} {example}")
+    return value
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-train", type=int, default=2500)
@@ -172,30 +182,16 @@ def main():
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     cache = Path(args.cache)
-    r_half_max = ConditionRanges.r_half_max
-    if args.r_half_max:
-        r_half_max = _pair(args.r_half_max, float)
-        if not r_half_max or not 0 < r_half_max[0] <= r_half_max[1]:
-            p.error(f"--r-half-max must be LO,HI in arcsec with 0 < LO <= HI, got {args.r_half_max!r}; "
-                    "e.g. --r-half-max 1.5,4")
-    shape = ConditionRanges.shape
-    if args.scene_shape:
-        shape = _pair(args.scene_shape, int)
-        if not shape or min(shape) < 32:
-            p.error(f"--scene-shape must be NY,NX in pixels, each at least 32, got {args.scene_shape!r}; "
-                    "e.g. --scene-shape 256,256")
-    blend_fraction = ConditionRanges.blend_fraction
-    if args.blend_fraction:
-        blend_fraction = _pair(args.blend_fraction, float)
-        if not blend_fraction or not 0 <= blend_fraction[0] <= blend_fraction[1] <= 1:
-            p.error(f"--blend-fraction must be LO,HI with 0 <= LO <= HI <= 1, got {args.blend_fraction!r}; "
-                    "e.g. --blend-fraction 0.5,0.9")
-    density = ConditionRanges.density
-    if args.density:
-        density = _pair(args.density, float)
-        if not density or not 0 < density[0] <= density[1]:
-            p.error(f"--density must be LO,HI in sources per arcmin^2 with 0 < LO <= HI, got {args.density!r}; "
-                    "e.g. --density 100,400")
+    r_half_max = _pair_option(p, "--r-half-max", args.r_half_max, ConditionRanges.r_half_max, float,
+                              lambda v: 0 < v[0] <= v[1], "LO,HI in arcsec with 0 < LO <= HI", "1.5,4")
+    shape = _pair_option(p, "--scene-shape", args.scene_shape, ConditionRanges.shape, int,
+                         lambda v: min(v) >= 32, "NY,NX in pixels, each at least 32", "256,256")
+    blend_fraction = _pair_option(p, "--blend-fraction", args.blend_fraction, ConditionRanges.blend_fraction,
+                                  float, lambda v: 0 <= v[0] <= v[1] <= 1, "LO,HI with 0 <= LO <= HI <= 1",
+                                  "0.5,0.9")
+    density = _pair_option(p, "--density", args.density, ConditionRanges.density, float,
+                           lambda v: 0 < v[0] <= v[1], "LO,HI in sources per arcmin^2 with 0 < LO <= HI",
+                           "100,400")
     if not 0 <= args.space_fraction <= 1:
         p.error(f"--space-fraction must be a fraction in [0, 1], got {args.space_fraction!r}")
     ranges = ConditionRanges(correlated_fraction=args.correlated_fraction, r_half_max=r_half_max,
