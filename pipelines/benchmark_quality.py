@@ -13,7 +13,9 @@ With --noise-correlation S every scene has correlated noise (as co-added images 
 results go to quality_corrS.json/.md. With --tta the Mask R-CNN also runs with test-time
 augmentation (deblend.tta), as a further column "mask-rcnn+tta". --window-size/--overlap run the
 Mask R-CNN over windows of another size; the results then go to quality_w<size>.json/.md (with
-the noise suffix), and neither the figure nor the model card is written.
+the noise suffix), and neither the figure nor the model card is written. --weights FILE.pt
+benchmarks candidate weights (before shipping them): results to quality_FILE.json/.md, no figure,
+no model card.
 """
 
 import argparse
@@ -158,6 +160,9 @@ def main():
     p.add_argument("--window-size", type=int, default=None,
                    help="Mask R-CNN window in pixels (default: the pipeline's, 256)")
     p.add_argument("--overlap", type=int, default=None, help="overlap of the windows (default: the pipeline's, 48)")
+    p.add_argument("--weights", default=None,
+                   help="candidate Mask R-CNN weights instead of the shipped ones; results go to "
+                        "quality_<file stem>.md/.json and the model card and figure are left alone")
     p.add_argument("--tta", action="store_true",
                    help="also run the Mask R-CNN with test-time augmentation (column mask-rcnn+tta)")
     p.add_argument("--figure", default=str(ROOT / "docs" / "recall_separation.png"),
@@ -174,9 +179,13 @@ def main():
     windows = {k: v for k, v in (("window_size", args.window_size), ("overlap", args.overlap)) if v is not None}
     if windows:
         suffix = f"_w{args.window_size or 256}" + suffix
+    options = dict(windows)
+    if args.weights:
+        options["weights"] = args.weights
+        suffix = f"_{Path(args.weights).stem}" + suffix
     log.info("simulated %d scenes in %.0f s", args.n, time.perf_counter() - t0)
 
-    timings, pred_dirs = run_methods(truth, work, args.methods, tta_variant=args.tta, **windows)
+    timings, pred_dirs = run_methods(truth, work, args.methods, tta_variant=args.tta, **options)
     names = [d.name for d in pred_dirs]
     results = compare_methods(pred_dirs, truth)
     by_column = {"segment_flux": results, "kron_flux": compare_methods(pred_dirs, truth, flux_column="kron_flux")}
@@ -195,7 +204,8 @@ def main():
     table = format_table(results)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"n_scenes": args.n, "seed": args.seed, "shape": list(args.shape), "noise_levels": NOISE_LEVELS,
+    payload = {"n_scenes": args.n, "seed": args.seed, "weights": args.weights or "shipped",
+               "shape": list(args.shape), "noise_levels": NOISE_LEVELS,
                "noise_correlation": args.noise_correlation, "mask_rcnn_windows": windows or "default",
                "pixel_scale_range": [0.15, 0.3], "psf_fwhm_range": [0.5, 1.0], "speed": speed,
                "summary": {r["method"]: r["summary"] for r in results}, "by_noise": by_noise,

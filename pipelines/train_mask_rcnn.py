@@ -20,7 +20,9 @@ half-light radius drawn from 1.5-4" (``--r-half-max 1.5,4``; 1.5" before) and
 a quarter of the scenes space-telescope-like, 0.04-0.1"/pix with a PSF of
 0.1-0.3" (``--space-fraction 0.25``), half with correlated noise (62
 minutes). ("Stage 5", a box head retrained with
-256 proposals per image, was tried and not shipped; see the README.)
+256 proposals per image, was tried and not shipped, and so was "stage 8": stage 7 again on
+5000 scenes weighted towards blends, ``--blend-fraction 0.5,0.9 --density 100,400``; see the
+README.)
 The validation scenes (seed 1) are white-noise scenes throughout.
 
 Usage (from the repository root; ``make train-mask-rcnn`` runs the six stages):

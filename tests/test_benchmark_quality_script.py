@@ -1,5 +1,10 @@
 """pipelines/benchmark_quality.py: its per-bin tables read the right summary keys."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from conftest import load_pipeline_script
 
@@ -33,3 +38,22 @@ def test_snr_and_separation_tables(bq):
     assert "| 5-10 | 10 | 0.100 | 0.150 |" in snr and "| >= 50 | 40 | 0.400 | 0.450 |" in snr
     separation = bq.separation_table(results)
     assert "| < 1 | 1 | 0.500 | 0.550 |" in separation and "| >= 3 | 4 | 0.800 | 0.850 |" in separation
+
+
+def test_candidate_weights_get_their_own_results_and_leave_the_card_alone(tmp_path):
+    from deblend.models.registry import DEFAULT_MASK_RCNN, weights_path
+
+    shipped = weights_path(DEFAULT_MASK_RCNN)
+    card = shipped.with_suffix(".json").read_bytes()
+    candidate = tmp_path / "candidate.pt"
+    candidate.write_bytes(shipped.read_bytes())
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_quality.py"
+    subprocess.run([sys.executable, str(script), "--n", "2", "--shape", "64", "64", "--methods", "mask-rcnn",
+                    "--weights", str(candidate), "--workdir", str(tmp_path / "work"), "--results",
+                    str(tmp_path / "results"), "--figure", str(tmp_path / "figure.png")],
+                   check=True, capture_output=True, text=True, timeout=600)
+    payload = json.loads((tmp_path / "results" / "quality_candidate.json").read_text())
+    assert payload["weights"] == str(candidate) and payload["n_scenes"] == 2
+    assert "Blended recall by the source's truth S/N" in (tmp_path / "results" / "quality_candidate.md").read_text()
+    assert not (tmp_path / "figure.png").exists()
+    assert shipped.with_suffix(".json").read_bytes() == card
