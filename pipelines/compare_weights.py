@@ -46,7 +46,11 @@ def counts_matrix(results):
 
 
 def metrics_from_counts(totals):
-    """Metrics from summed counts; ``totals`` is (..., len(_COUNTS)). Undefined ratios are NaN."""
+    """Metrics from summed counts; ``totals`` is (..., len(_COUNTS)). Undefined ratios are NaN.
+
+    The ratios of `deblend.evaluate.summarize`, vectorised over bootstrap resamples
+    (``tests/test_compare_weights_script.py`` checks that the two agree).
+    """
     index = {k: i for i, k in enumerate(_COUNTS)}
     out = {}
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from conftest import load_pipeline_script
 
+from deblend.evaluate import summarize
+
 
 @pytest.fixture(scope="module")
 def cw():
@@ -20,6 +22,16 @@ def test_metrics_are_ratios_of_summed_counts(cw):
     assert m["recall"] == pytest.approx(10 / 20) and m["precision"] == pytest.approx(10 / 12)
     assert m["blended_recall"] == pytest.approx(3 / 10) and m["mean_iou"] == pytest.approx(7 / 10)
     assert m["f1"] == pytest.approx(20 / (20 + 2 + 10))
+
+
+def test_metrics_agree_with_evaluate_summarize(cw):
+    scenes = [_scene(8, 2, 2, 3, 4, 6.0), _scene(2, 0, 8, 0, 6, 1.0), _scene(0, 3, 1, 0, 0, 0.0)]
+    full = [dict(s, n_truth=s["tp"] + s["fn"], n_pred=s["tp"] + s["fp"], n_pred_ignored=0, merged=0, shredded=0,
+                 flux_rel_errors=[]) for s in scenes]
+    expected = summarize(full)
+    got = cw.metrics_from_counts(cw.counts_matrix(scenes).sum(0))
+    for name in ("recall", "precision", "f1", "blended_recall", "mean_iou"):
+        assert got[name] == pytest.approx(expected[name]), name
 
 
 def test_bootstrap_interval_covers_a_real_difference_and_not_zero(cw):
