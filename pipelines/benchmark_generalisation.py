@@ -12,7 +12,9 @@ overlap). Each condition changes one thing from the quality benchmark's conditio
 0.15-0.3"/pix, PSF FWHM 0.5-1.0", noise sigma 0.5/1/2 in turn, 192x256
 pixels; fine pixels also get a 384x512 image, so that the field holds about as
 many sources), and the first row ('reference') changes nothing, so every row
-reads against it. Seeds 7000 + 10 k and 7001 + 10 k (k = condition index) are used nowhere else.
+reads against it. Seeds 7000 + 10 k and 7001 + 10 k (k = condition index) are used nowhere else;
+--seed S draws other scenes from S + 10 k and S + 1 + 10 k (e.g. fresh scenes for a shipping rule,
+with --results elsewhere).
 
 Usage (from the repository root):
     .venv/bin/python pipelines/benchmark_generalisation.py              # 24 scenes per condition, all methods
@@ -74,9 +76,13 @@ CONDITIONS = (
 )
 
 
-def condition_config(condition, index, i):
+#: Base seed of the conditions' scenes (condition k uses BASE_SEED + 10 k and + 10 k + 1).
+BASE_SEED = 7000
+
+
+def condition_config(condition, index, i, *, base_seed=BASE_SEED):
     """Conditions and simulation seed of scene `i` of a condition (the `index`-th of CONDITIONS)."""
-    seed = 7000 + 10 * index
+    seed = base_seed + 10 * index
     rng = np.random.default_rng(scene_seed(seed, i))
     drawn = {"shape": SHAPE, "pixel_scale": float(rng.uniform(0.15, 0.3)),
              "psf_fwhm": float(rng.uniform(0.5, 1.0)), "noise_sigma": NOISE_LEVELS[i % 3]}
@@ -90,11 +96,11 @@ def condition_config(condition, index, i):
     return SceneConfig(**drawn), scene_seed(seed + 1, i)
 
 
-def make_scenes(outdir, condition, index, n):
+def make_scenes(outdir, condition, index, n, *, base_seed=BASE_SEED):
     """Simulate `n` scenes of one condition into `outdir`; returns the number of truth sources."""
     n_truth = 0
     for i in range(n):
-        config, sim_seed = condition_config(condition, index, i)
+        config, sim_seed = condition_config(condition, index, i, base_seed=base_seed)
         scene = simulate_scene(config, seed=sim_seed, keep_sources=False)
         write_scene(scene, outdir, f"{condition.key}_{i:04d}")
         n_truth += len(scene.truth)
@@ -149,6 +155,8 @@ def figure(rows, methods, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=24, help="scenes per condition")
+    p.add_argument("--seed", type=int, default=BASE_SEED,
+                   help=f"base seed of the scenes (default {BASE_SEED}; condition k uses seed + 10 k)")
     p.add_argument("--conditions", nargs="+", default=[c.key for c in CONDITIONS],
                    choices=[c.key for c in CONDITIONS])
     p.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
@@ -180,7 +188,7 @@ def main():
             continue
         t0 = time.perf_counter()
         truth = work / condition.key / "truth"
-        n_truth = make_scenes(truth, condition, index, args.n)
+        n_truth = make_scenes(truth, condition, index, args.n, base_seed=args.seed)
         timings, pred_dirs = run_methods(truth, work / condition.key, args.methods, **options)
         results = compare_methods(pred_dirs, truth)
         summary = {r["method"]: {k: r["summary"][k] for k in METRICS} for r in results}
@@ -192,7 +200,7 @@ def main():
                  ", ".join(f"{m} {s['f1']:.3f}" for m, s in summary.items()))
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"n_per_condition": args.n, "shape": list(SHAPE), "weights": args.weights or "shipped",
+    payload = {"n_per_condition": args.n, "seed": args.seed, "shape": list(SHAPE), "weights": args.weights or "shipped",
                "split_crowded": args.split_crowded, "coarse_pass": args.coarse_pass, "tta": args.tta,
                "methods": args.methods, "conditions": rows}
     (out / "generalisation.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")

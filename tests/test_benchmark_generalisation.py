@@ -41,6 +41,15 @@ def test_conditions_leave_the_training_ranges(gen):
     assert [c.noise_sigma for c in _configs(gen, "crowded")] == [c.noise_sigma for c in reference]
 
 
+def test_seed_draws_other_scenes_of_the_same_conditions(gen):
+    index = [c.key for c in gen.CONDITIONS].index("fine_pixels")
+    default = [gen.condition_config(gen.CONDITIONS[index], index, i) for i in range(4)]
+    other = [gen.condition_config(gen.CONDITIONS[index], index, i, base_seed=8100) for i in range(4)]
+    assert {sim_seed for _, sim_seed in default}.isdisjoint(sim_seed for _, sim_seed in other)
+    assert [c.pixel_scale for c, _ in default] != [c.pixel_scale for c, _ in other]
+    assert all(c.pixel_scale < ConditionRanges().pixel_scale[0] for c, _ in other)
+
+
 def test_small_run_writes_table_json_and_figure(gen, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmark_generalisation.py", "--n", "1", "--conditions", "reference",
                                       "odd_shape", "--methods", "sep", "photutils", "--workdir",
@@ -48,6 +57,7 @@ def test_small_run_writes_table_json_and_figure(gen, tmp_path, monkeypatch):
                                       "--figure", str(tmp_path / "g.png")])
     gen.main()
     payload = json.loads((tmp_path / "res" / "generalisation.json").read_text())
+    assert payload["seed"] == 7000
     assert [row["key"] for row in payload["conditions"]] == ["reference", "odd_shape"]
     for row in payload["conditions"]:
         assert row["n_truth"] > 0 and set(row["summary"]) == {"sep", "photutils"}
