@@ -83,10 +83,9 @@ def paired_bootstrap(counts_a, counts_b, *, n_boot=2000, seed=0):
         raise ValueError(f"counts_a and counts_b must be the same non-empty (n_scenes, k) shape, got "
                          f"{counts_a.shape} and {counts_b.shape}; score both files on the same scenes")
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(counts_a), size=(n_boot, len(counts_a)))
-    weights = np.stack([np.bincount(p, minlength=len(counts_a)) for p in picks]).astype(float)
+    picks = rng.integers(0, len(counts_a), size=(n_boot, len(counts_a)))  # the same scenes for A and B
     a, b = metrics_from_counts(counts_a.sum(0)), metrics_from_counts(counts_b.sum(0))
-    boot_a, boot_b = metrics_from_counts(weights @ counts_a), metrics_from_counts(weights @ counts_b)
+    boot_a, boot_b = metrics_from_counts(counts_a[picks].sum(1)), metrics_from_counts(counts_b[picks].sum(1))
     out = {}
     for name in a:
         diff = boot_b[name] - boot_a[name]
