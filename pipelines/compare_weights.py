@@ -18,6 +18,7 @@ Usage (from the repository root):
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +38,19 @@ METRICS = {
     "precision": ("tp", ("tp", "fp")),
     "blended_recall": ("tp_blended", ("n_blended",)),
     "mean_iou": ("iou_sum", ("tp",)),
+    "star_galaxy_accuracy": ("class_correct", ("class_total",)),
 }
-_COUNTS = ("tp", "fp", "fn", "tp_blended", "n_blended", "iou_sum")
+_COUNTS = ("tp", "fp", "fn", "tp_blended", "n_blended", "iou_sum", "class_correct", "class_total")
 
 
 def counts_matrix(results):
-    """(n_scenes, len(_COUNTS)) array of the per-scene counts `metrics_from_counts` needs."""
-    return np.array([[float(r[k]) for k in _COUNTS] for r in results], dtype=float).reshape(-1, len(_COUNTS))
+    """(n_scenes, len(_COUNTS)) array of the per-scene counts `metrics_from_counts` needs.
+
+    A count a result lacks or holds as None (``class_correct`` and ``class_total`` of a catalog
+    without classes) is 0, so that metric comes out NaN.
+    """
+    rows = [[float(r.get(k) or 0) for k in _COUNTS] for r in results]
+    return np.array(rows, dtype=float).reshape(-1, len(_COUNTS))
 
 
 def metrics_from_counts(totals):
@@ -89,25 +96,31 @@ def paired_bootstrap(counts_a, counts_b, *, n_boot=2000, seed=0):
     out = {}
     for name in a:
         diff = boot_b[name] - boot_a[name]
-        low, high = np.nanpercentile(diff, [2.5, 97.5])
+        low, high = np.nanpercentile(diff, [2.5, 97.5]) if np.isfinite(diff).any() else (np.nan, np.nan)
         out[name] = {"a": float(a[name]), "b": float(b[name]), "diff": float(b[name] - a[name]),
                      "low": float(low), "high": float(high)}
     return out
 
 
 def score(weights, scenes):
-    """Per-scene `evaluate_image` results of the default pipeline with ``weights``."""
+    """Per-scene `evaluate_image` results of the default pipeline with ``weights``, and its seconds.
+
+    The seconds are the wall time of ``Deblender.run`` summed over the scenes (scoring excluded):
+    one run, so only a large difference between two files means anything.
+    """
     deblender = Deblender("mask-rcnn", weights=weights)
-    results = []
+    results, seconds = [], 0.0
     for scene, config in scenes:
+        start = time.perf_counter()
         result = deblender.run(scene.image)
+        seconds += time.perf_counter() - start
         results.append(evaluate_image(result.labels, result.catalog, scene.truth_seg, scene.truth,
                                       fwhm_pixels=config.psf_fwhm / config.pixel_scale))
-    return results
+    return results, seconds
 
 
-def report(comparison, *, names, n_scenes, seed, noise_correlation):
-    """Markdown lines of the comparison table."""
+def report(comparison, *, names, n_scenes, seed, noise_correlation, seconds=None):
+    """Markdown lines of the comparison table (and a line of each file's pipeline seconds)."""
     noise = f", noise correlated (Gaussian sigma {noise_correlation:g} px)" if noise_correlation else ""
     lines = [f"{n_scenes} selection scenes 192x256 (quality-benchmark conditions, seed {seed}{noise}); "
              f"A = {names[0]}, B = {names[1]}; B - A with a 95 % paired-bootstrap interval over scenes.", "",
@@ -115,6 +128,9 @@ def report(comparison, *, names, n_scenes, seed, noise_correlation):
     for name, row in comparison.items():
         lines.append(f"| {name} | {row['a']:.3f} | {row['b']:.3f} | {row['diff']:+.3f} | "
                      f"{row['low']:+.3f} to {row['high']:+.3f} |")
+    if seconds is not None:
+        lines += ["", f"Pipeline wall time over the scenes, one run each, A then B in one process: "
+                      f"A {seconds[0]:.1f} s, B {seconds[1]:.1f} s (B/A {seconds[1] / seconds[0]:.2f})."]
     return lines
 
 
@@ -137,10 +153,11 @@ def main():
         config, sim_seed = scene_config(args.seed, i, (192, 256), args.noise_correlation)
         scenes.append((simulate_scene(config, seed=sim_seed, keep_sources=False), config))
     log.info("simulated %d selection scenes", len(scenes))
-    counts = [counts_matrix(score(w, scenes)) for w in (args.weights_a, args.weights_b)]
-    comparison = paired_bootstrap(*counts, n_boot=args.n_boot)
+    scored = [score(w, scenes) for w in (args.weights_a, args.weights_b)]
+    comparison = paired_bootstrap(*(counts_matrix(results) for results, _ in scored), n_boot=args.n_boot)
     lines = report(comparison, names=[Path(w).name for w in (args.weights_a, args.weights_b)],
-                   n_scenes=args.n, seed=args.seed, noise_correlation=args.noise_correlation)
+                   n_scenes=args.n, seed=args.seed, noise_correlation=args.noise_correlation,
+                   seconds=[seconds for _, seconds in scored])
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

@@ -12,8 +12,9 @@ def cw():
     return load_pipeline_script("compare_weights")
 
 
-def _scene(tp, fp, fn, tp_blended, n_blended, iou_sum):
-    return {"tp": tp, "fp": fp, "fn": fn, "tp_blended": tp_blended, "n_blended": n_blended, "iou_sum": iou_sum}
+def _scene(tp, fp, fn, tp_blended, n_blended, iou_sum, class_correct=None, class_total=None):
+    return {"tp": tp, "fp": fp, "fn": fn, "tp_blended": tp_blended, "n_blended": n_blended, "iou_sum": iou_sum,
+            "class_correct": class_correct, "class_total": class_total}
 
 
 def test_metrics_are_ratios_of_summed_counts(cw):
@@ -24,13 +25,21 @@ def test_metrics_are_ratios_of_summed_counts(cw):
     assert m["f1"] == pytest.approx(20 / (20 + 2 + 10))
 
 
+def test_star_galaxy_accuracy_and_catalogs_without_classes(cw):
+    m = cw.metrics_from_counts(cw.counts_matrix([_scene(8, 2, 2, 3, 4, 6.0, 6, 8),
+                                                 _scene(2, 0, 8, 0, 6, 1.0, 1, 2)]).sum(0))
+    assert m["star_galaxy_accuracy"] == pytest.approx(7 / 10)
+    m = cw.metrics_from_counts(cw.counts_matrix([_scene(8, 2, 2, 3, 4, 6.0)]).sum(0))
+    assert np.isnan(m["star_galaxy_accuracy"]) and m["recall"] == pytest.approx(0.8)
+
+
 def test_metrics_agree_with_evaluate_summarize(cw):
-    scenes = [_scene(8, 2, 2, 3, 4, 6.0), _scene(2, 0, 8, 0, 6, 1.0), _scene(0, 3, 1, 0, 0, 0.0)]
+    scenes = [_scene(8, 2, 2, 3, 4, 6.0, 5, 7), _scene(2, 0, 8, 0, 6, 1.0, 2, 2), _scene(0, 3, 1, 0, 0, 0.0, 0, 0)]
     full = [dict(s, n_truth=s["tp"] + s["fn"], n_pred=s["tp"] + s["fp"], n_pred_ignored=0, merged=0, shredded=0,
                  flux_rel_errors=[]) for s in scenes]
     expected = summarize(full)
     got = cw.metrics_from_counts(cw.counts_matrix(scenes).sum(0))
-    for name in ("recall", "precision", "f1", "blended_recall", "mean_iou"):
+    for name in ("recall", "precision", "f1", "blended_recall", "mean_iou", "star_galaxy_accuracy"):
         assert got[name] == pytest.approx(expected[name]), name
 
 
@@ -47,9 +56,12 @@ def test_bootstrap_interval_covers_a_real_difference_and_not_zero(cw):
 def test_identical_files_give_a_zero_interval(cw):
     a = cw.counts_matrix([_scene(5, 1, 2, 1, 2, 3.5), _scene(7, 0, 1, 2, 3, 5.0), _scene(3, 2, 4, 0, 1, 2.0)])
     out = cw.paired_bootstrap(a, a.copy(), n_boot=100)
+    out.pop("star_galaxy_accuracy")  # no classes in these scenes: NaN
     assert all(row["diff"] == 0 and row["low"] == 0 and row["high"] == 0 for row in out.values())
-    lines = cw.report(out, names=["a.pt", "b.pt"], n_scenes=3, seed=8000, noise_correlation=0.0)
+    lines = cw.report(out, names=["a.pt", "b.pt"], n_scenes=3, seed=8000, noise_correlation=0.0,
+                      seconds=[2.0, 3.0])
     assert "| recall | 0.682 | 0.682 | +0.000 | +0.000 to +0.000 |" in lines
+    assert lines[-1].endswith("A 2.0 s, B 3.0 s (B/A 1.50).")
 
 
 def test_mismatched_scene_sets_are_refused(cw):
