@@ -582,8 +582,9 @@ def test_mask_rcnn_in_float16_keeps_boxes_scores_and_masks_in_float32():
     """Under float16 autocast (as --half on a GPU) the heads run in float16, the geometry in float32.
 
     Run here with CPU autocast, which exercises the same code path (slowly), with the shipped
-    weights on a corner of the sample tile: the same sources come out, boxes a fraction of a
-    pixel from float32's (a tenth at the median), masks equal up to rounding.
+    weights on a corner of the sample tile: the same confident sources come out (those near the
+    threshold may flip), boxes a fraction of a pixel from float32's (a tenth at the median),
+    masks equal up to rounding.
     """
     from deblend.io import read_image
     from deblend.models.registry import DEFAULT_MASK_RCNN, load_mask_rcnn
@@ -603,7 +604,9 @@ def test_mask_rcnn_in_float16_keeps_boxes_scores_and_masks_in_float32():
     gap = np.abs(full.boxes[:, None, :] - half.boxes[None]).max(axis=2)  # box to box, pixels
     confident = full.det_score > 0.6  # not at the threshold, where rounding may flip a detection
     assert (gap.min(axis=1)[confident] < 1.0).all() and np.median(gap.min(axis=1)[confident]) < 0.1
-    assert abs(len(full.boxes) - len(half.boxes)) <= 1
+    # rounding may flip detections at the 0.5 threshold, never confident ones
+    assert abs(int(confident.sum()) - int((half.det_score > 0.6).sum())) <= 1
+    assert abs(len(full.boxes) - len(half.boxes)) <= max(1, int((~confident).sum()))
     for i in np.flatnonzero(confident & (gap.min(axis=1) < 0.1)):  # masks over (nearly) the same box
         a, b = full.crops[i][0], half.crops[gap[i].argmin()][0]
         if a.shape == b.shape:
