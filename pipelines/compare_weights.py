@@ -4,7 +4,9 @@ Runs the default pipeline (`deblend.pipeline.Deblender`, refinement included) wi
 file on the same held-out *selection* scenes: the quality benchmark's conditions
 (benchmark_quality.scene_config) from seed 8000, which no other set uses (training 0-11, the
 quality benchmark 2000, refinement calibration 2100, benchmark.py 5000-6000, generalisation
-7000-7091, tuning 9000-9015). Each scene is scored with
+7000-7091, tuning 9000-9015; the stage-8 and stage-9 shipping rules used --seed 8100 and 8300
+here and benchmark_generalisation.py --seed 8200 and 8400, so a new rule takes another). Each
+scene is scored with
 `deblend.evaluate.evaluate_image`; the metrics of each file are ratios of counts summed over the
 scenes, and their difference (B - A) gets a 95 % interval from a paired bootstrap over scenes
 (the same resampled scenes for both files), so a shipping rule can ask for a gain that noise
