@@ -63,8 +63,8 @@ FATES = ("no detection", "no proposal", "box score", "box NMS", "mask NMS", "lab
 PROPOSAL_IOU = 0.5
 #: The fates "no detection" is split into (one pass only).
 NO_DETECTION_SPLIT = ("no proposal", "box score", "box NMS")
-#: The one-pass score threshold, applied to the truth boxes' scores too.
-TRUTH_BOX_THRESHOLD = 0.5
+#: The one-pass score threshold (the pipeline default), applied to the truth boxes' scores too.
+SCORE_THRESHOLD = 0.5
 log = logging.getLogger("diagnose_blends")
 
 
@@ -133,10 +133,10 @@ def diagnose_scene(scene, fwhm, model, *, tta=False, max_overlap=0.5):
     if tta:
         found = detect_tta(normalized, model=model, mask=prepared.mask, score_threshold=TTA_SCORE_THRESHOLD)
     else:
-        found = detect(normalized, model=model, mask=prepared.mask, score_threshold=TRUTH_BOX_THRESHOLD)
+        found = detect(normalized, model=model, mask=prepared.mask, score_threshold=SCORE_THRESHOLD)
         with _without_box_nms(model):
             candidates = detect(normalized, model=model, mask=prepared.mask,
-                                score_threshold=TRUTH_BOX_THRESHOLD)
+                                score_threshold=SCORE_THRESHOLD)
     kept = suppress_duplicates(found, shape, max_overlap=max_overlap)
     labels, keep = instances_to_labels(kept, shape, mask=prepared.mask)
     final = kept.select(keep)
@@ -204,7 +204,7 @@ def report(rows, *, n_scenes, tta):
         if fate not in hidden:
             lines.append(f"| {fate} | {fates[fate]} | {fates[fate] / max(n_missed, 1):.2f} |")
     lines += ["", "By S/N (truth `snr`). *Truth box*: the share of the blended sources the box head scores >= "
-                  f"{TRUTH_BOX_THRESHOLD} when given the source's truth box as a proposal (one pass), i.e. "
+                  f"{SCORE_THRESHOLD} when given the source's truth box as a proposal (one pass), i.e. "
                   "blended recall with perfect proposals and post-processing:", "",
               "| S/N | blended sources | blended recall | truth box | matched sources (all) | "
               "mean IoU (all matched) |",
@@ -213,10 +213,10 @@ def report(rows, *, n_scenes, tta):
         sel = (snr >= lo) & (snr < hi)
         matched = sel & found
         lines.append(f"| {lo}-{hi:g} | {int((sel & blended).sum())} | {_rate(found[sel & blended])} | "
-                     f"{_rate(box_score[sel & blended] >= TRUTH_BOX_THRESHOLD)} | "
+                     f"{_rate(box_score[sel & blended] >= SCORE_THRESHOLD)} | "
                      f"{int(matched.sum())} | {_rate(iou[matched])} |")
     lines.append(f"| all | {int(blended.sum())} | {_rate(found[blended])} | "
-                 f"{_rate(box_score[blended] >= TRUTH_BOX_THRESHOLD)} | {int(found.sum())} | "
+                 f"{_rate(box_score[blended] >= SCORE_THRESHOLD)} | {int(found.sum())} | "
                  f"{_rate(iou[found])} |")
     lines += ["", "By the flux of the nearest truth neighbour over the source's own:", "",
               "| neighbour / source flux | blended sources | blended recall |", "| --- | --- | --- |"]

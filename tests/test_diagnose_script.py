@@ -55,5 +55,5 @@ def test_diagnose_scene_with_the_shipped_model(diag):
         assert (0 < iou <= 1) if matched else np.isnan(iou)
         assert 0 <= box_score <= 1
     # the box head recognises most sources from their truth boxes
-    assert np.mean([r[6] >= diag.TRUTH_BOX_THRESHOLD for r in rows]) > 0.5
+    assert np.mean([r[6] >= diag.SCORE_THRESHOLD for r in rows]) > 0.5
     assert sum(r[1] for r in rows) > 0.5 * len(rows)  # the shipped model finds most of them
