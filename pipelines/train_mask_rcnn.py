@@ -185,6 +185,11 @@ def main():
                         "('box' retrains the detection scores, classes and boxes; masks stay as they are)")
     p.add_argument("--box-batch-size", type=int, default=TrainConfig.box_batch_size_per_image,
                    help="proposals sampled per training image for the box head (torchvision: 512)"),
+    p.add_argument("--rpn-iou", default=None, metavar="FG,BG",
+                   help="IoU with a true box at or above which an anchor is a positive RPN example, and below "
+                        "which a negative (default 0.7,0.3)")
+    p.add_argument("--box-iou", default=None, metavar="FG,BG",
+                   help="the same for the box head's proposals (default 0.5,0.5)")
     p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
                    help="RPN proposals the saved model keeps at inference, before/after NMS (training unaffected)")
     p.add_argument("--scene-shape", default=None, metavar="NY,NX",
@@ -211,6 +216,11 @@ def main():
     density = _pair_option(p, "--density", args.density, ConditionRanges.density, float,
                            lambda v: 0 < v[0] <= v[1], "LO,HI in sources per arcmin^2 with 0 < LO <= HI",
                            "100,400")
+    iou_pair = (float, lambda v: 0 < v[1] <= v[0] <= 1, "FG,BG with 0 < BG <= FG <= 1")
+    rpn_iou = _pair_option(p, "--rpn-iou", args.rpn_iou, (TrainConfig.rpn_fg_iou_thresh,
+                                                          TrainConfig.rpn_bg_iou_thresh), *iou_pair, "0.5,0.3")
+    box_iou = _pair_option(p, "--box-iou", args.box_iou, (TrainConfig.box_fg_iou_thresh,
+                                                          TrainConfig.box_bg_iou_thresh), *iou_pair, "0.4,0.4")
     if not 0 <= args.space_fraction <= 1:
         p.error(f"--space-fraction must be a fraction in [0, 1], got {args.space_fraction!r}")
     ranges = ConditionRanges(correlated_fraction=args.correlated_fraction, r_half_max=r_half_max,
@@ -250,7 +260,9 @@ def main():
         n = freeze_except(model, {"mask": MASK_BRANCH, "box": BOX_BRANCH}[args.train_only])
         log.info("training the %s branch only: %d parameters", args.train_only, n)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      max_minutes=args.max_minutes or None, box_batch_size_per_image=args.box_batch_size)
+                      max_minutes=args.max_minutes or None, box_batch_size_per_image=args.box_batch_size,
+                      rpn_fg_iou_thresh=rpn_iou[0], rpn_bg_iou_thresh=rpn_iou[1],
+                      box_fg_iou_thresh=box_iou[0], box_bg_iou_thresh=box_iou[1])
     result = train_mask_rcnn(model, train, val_examples=val, config=cfg,
                              checkpoint_dir=args.checkpoints, resume=not args.no_resume,
                              device=args.device)

@@ -79,13 +79,23 @@ def test_mask_head_stage_changes_only_the_mask_branch(tmp_path, stage1):
 def test_box_stage_changes_only_the_box_branch(tmp_path, stage1):
     stage1, stage2 = stage1[0], tmp_path / "stage2.pt"
     card = _train(tmp_path, stage2, "--checkpoints", str(tmp_path / "ck2"), "--init-from", str(stage1),
-                  "--train-only", "box", "--box-batch-size", "32")
+                  "--train-only", "box", "--box-batch-size", "32", "--rpn-iou", "0.5,0.3", "--box-iou", "0.4,0.4")
     assert card["recipe"]["trained_parts"] == "box"
-    assert card["recipe"]["train_config"]["box_batch_size_per_image"] == 32
+    train_config = card["recipe"]["train_config"]
+    assert train_config["box_batch_size_per_image"] == 32
+    assert (train_config["rpn_fg_iou_thresh"], train_config["rpn_bg_iou_thresh"]) == (0.5, 0.3)
+    assert (train_config["box_fg_iou_thresh"], train_config["box_bg_iou_thresh"]) == (0.4, 0.4)
     first, second = load_weights(stage1), load_weights(stage2)
     old = second.state_dict()
     changed = {key for key, value in first.state_dict().items() if not torch.equal(value, old[key])}
     assert changed and all(key.startswith(BOX_BRANCH) for key in changed)
+
+
+def test_bad_iou_thresholds_are_a_parser_error_naming_the_fix(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--rpn-iou", "0.3,0.5", "--out", str(tmp_path / "x.pt")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--rpn-iou must be FG,BG with 0 < BG <= FG <= 1, got '0.3,0.5'; e.g. --rpn-iou 0.5,0.3" in result.stderr
 
 
 def test_widened_conditions_reach_the_card_and_the_cache_name(tmp_path, stage1):

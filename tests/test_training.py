@@ -18,6 +18,7 @@ from deblend.training import (
     make_examples,
     sample_config,
     save_examples,
+    set_training_matchers,
     targets_from_truth,
     train_mask_rcnn,
 )
@@ -178,3 +179,37 @@ def test_freeze_except_rejects_unknown_prefixes():
 def test_logged_learning_rate_keeps_its_significant_digits():
     shown = _loggable({"step": 3000, "lr": 1.234567e-5, "loss_mask": 0.123456, "val_loss": 1.4})
     assert shown == {"step": 3000, "lr": 1.23e-5, "loss_mask": 0.1235, "val_loss": 1.4}
+
+
+def _rpn_positives(model, boxes):
+    """How many anchors the RPN labels positive for ``boxes`` in a 64×64 image."""
+    from torchvision.models.detection.image_list import ImageList
+
+    images = ImageList(torch.zeros(1, 1, 64, 64), [(64, 64)])
+    with torch.no_grad():
+        features = list(model.backbone(images.tensors).values())
+    anchors = model.rpn.anchor_generator(images, features)
+    labels, _ = model.rpn.assign_targets_to_anchors(anchors, [{"boxes": boxes}])
+    return int((labels[0] == 1).sum())
+
+
+def test_lower_rpn_threshold_gives_small_sources_more_positive_anchors():
+    model = build_mask_rcnn(seed=0)
+    # 6-pixel sources, one on the stride-4 anchor grid and one between its points
+    boxes = torch.tensor([[13.0, 13.0, 19.0, 19.0], [40.0, 30.0, 46.0, 36.0]])
+    set_training_matchers(model, rpn=(0.7, 0.3))
+    default = _rpn_positives(model, boxes)
+    set_training_matchers(model, rpn=(0.5, 0.3))
+    lowered = _rpn_positives(model, boxes)
+    assert default >= 2  # each source keeps at least its best anchor
+    assert lowered > default
+    assert model.rpn.proposal_matcher.allow_low_quality_matches
+    set_training_matchers(model, box=(0.4, 0.4))
+    assert model.roi_heads.proposal_matcher.high_threshold == 0.4
+    assert not model.roi_heads.proposal_matcher.allow_low_quality_matches
+
+
+@pytest.mark.parametrize("pair", [(0.3, 0.5), (0.5, 0.0), (1.2, 0.3), (0.5,)])
+def test_set_training_matchers_rejects_bad_thresholds(pair):
+    with pytest.raises(ValueError, match=r"rpn must be \(fg, bg\).*e\.g\."):
+        set_training_matchers(build_mask_rcnn(seed=0), rpn=pair)
