@@ -529,6 +529,11 @@ def freeze_except(model, prefixes):
     return n_trainable
 
 
+def _to_device(images, targets, device):
+    """A collated batch's images and targets on ``device``."""
+    return [im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
 def set_training_matchers(model, *, rpn=(0.7, 0.3), box=(0.5, 0.5)):
     """Set the IoU thresholds that label anchors (RPN) and proposals (box head) in training.
 
@@ -597,16 +602,14 @@ def train_mask_rcnn(model, train_examples, *, val_examples=None, config=None, ch
         def validate():
             sums = {}
             for vi, vt in val_batches:
-                for k, v in compute_losses(model, vi, vt).items():
+                for k, v in compute_losses(model, *_to_device(vi, vt, device)).items():
                     sums[k] = sums.get(k, 0.0) + v / len(val_batches)
             return {"val_loss": sum(sums.values())}
 
     def batch_loss(step, rng):
         dataset.epoch = step // max(1, len(dataset) // cfg.batch_size)
         images, targets = collate([dataset[int(i)] for i in rng.integers(0, len(dataset), cfg.batch_size)])
-        images = [im.to(device) for im in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        losses = model(images, targets)
+        losses = model(*_to_device(images, targets, device))
         return sum(losses.values()), losses
 
     return fit(model, batch_loss, config=cfg, validate=validate, checkpoint_dir=checkpoint_dir, resume=resume,

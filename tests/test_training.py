@@ -213,3 +213,12 @@ def test_lower_rpn_threshold_gives_small_sources_more_positive_anchors():
 def test_set_training_matchers_rejects_bad_thresholds(pair):
     with pytest.raises(ValueError, match=r"rpn must be \(fg, bg\).*e\.g\."):
         set_training_matchers(build_mask_rcnn(seed=0), rpn=pair)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_with_validation_on_cuda(examples, tmp_path):
+    model = build_mask_rcnn(seed=0)
+    cfg = TrainConfig(steps=2, batch_size=2, log_every=1, val_every=1, warmup_steps=1)
+    result = train_mask_rcnn(model, examples, val_examples=examples[:2], config=cfg, checkpoint_dir=tmp_path,
+                             device="cuda")
+    assert result["steps"] == 2 and np.isfinite(result["history"][-1]["val_loss"])

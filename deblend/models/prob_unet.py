@@ -224,7 +224,7 @@ class ProbUNet(nn.Module):
             h = base + shift[s]
             for layer in rest:
                 h = F.linear(h, *layer) if isinstance(layer, tuple) else layer(h)
-            out[b, s, yy, xx] = torch.sigmoid(h[:, 0])
+            out[b, s, yy, xx] = torch.sigmoid(h[:, 0]).to(out.dtype)  # float16 under autocast
         return out
 
 
