@@ -14,10 +14,11 @@ from deblend.models import (
     load_weights,
     model_config,
     save_weights,
+    set_peak_proposals,
     set_test_proposals,
     with_mask_head,
 )
-from deblend.models.mask_rcnn import MASK_BRANCH, _paste_masks, paste_mask_crops
+from deblend.models.mask_rcnn import MASK_BRANCH, _paste_masks, paste_mask_crops, peak_boxes
 from deblend.training import _instances
 
 torch.set_num_threads(2)
@@ -421,3 +422,53 @@ def test_set_test_proposals_is_saved_and_loaded(tmp_path):
     assert model_config(loaded)["rpn_post_nms_top_n_train"] == default["rpn_post_nms_top_n_train"]
     with pytest.raises(ValueError, match="post_nms_top_n"):
         set_test_proposals(model, 10, 0)
+
+
+def _two_close_peaks():
+    """A 40x48 asinh(S/N)-like image: two sources 4 pixels apart and a fainter one, on a flat sky."""
+    y, x = np.mgrid[:40, :48]
+    image = np.zeros((40, 48), np.float32)
+    for cx, cy, peak in ((20, 15, 6.0), (24, 15, 5.0), (40, 30, 2.0)):
+        image += peak * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 1.0**2))
+    return torch.from_numpy(image)[None]
+
+
+def test_peak_boxes_find_close_companions_brightest_first():
+    image = _two_close_peaks()
+    boxes = peak_boxes(image, [(40, 48)], max_peaks=10, threshold=1.0, sizes=(6.0,))[0]
+    centres = ((boxes[:, :2] + boxes[:, 2:]) / 2).tolist()
+    assert centres == [[20.5, 15.5], [24.5, 15.5], [40.5, 30.5]]  # pixel centres, brightest first
+    assert torch.allclose(boxes[0], torch.tensor([17.5, 12.5, 23.5, 18.5]))
+    # capped, one box per size, clipped to the unpadded image
+    two = peak_boxes(image, [(40, 42)], max_peaks=2, threshold=1.0, sizes=(6.0, 50.0))[0]
+    assert two.shape == (4, 4) and float(two[:, 2].max()) == 42.0 and float(two[:, 0].min()) == 0.0
+    # a threshold above the fainter source drops it; flat sky gives none
+    assert len(peak_boxes(image, [(40, 48)], max_peaks=10, threshold=1.5, sizes=(6.0,))[0]) == 2
+    assert len(peak_boxes(torch.zeros(1, 16, 16), [(16, 16)], max_peaks=10)[0]) == 0
+
+
+def test_peak_proposals_reach_the_box_head_at_inference_only(tmp_path):
+    from torchvision.models.detection.image_list import ImageList
+
+    model = set_peak_proposals(build_mask_rcnn(seed=0), 5)
+    save_weights(model, tmp_path / "m.pt", metadata={})
+    loaded = load_weights(tmp_path / "m.pt")
+    assert model_config(loaded)["peak_proposals"] == 5 and model_config(build_mask_rcnn())["peak_proposals"] == 0
+    image = torch.nn.functional.pad(_two_close_peaks(), (0, 16, 0, 24))[None]  # padded to 64x64
+    images = ImageList(image, [(40, 48)])
+    with torch.no_grad():
+        features = loaded.backbone(image)
+        with_peaks = loaded.rpn(images, features)[0][0]
+        set_peak_proposals(loaded, 0)
+        without = loaded.rpn(images, features)[0][0]
+    assert len(with_peaks) == len(without) + 2 * 2  # the two peaks above PEAK_THRESHOLD, two box sizes
+    assert torch.equal(with_peaks[: len(without)], without)
+    loaded.train()
+    set_peak_proposals(loaded, 5)
+    targets = [{"boxes": torch.tensor([[17.0, 12.0, 24.0, 19.0]])}]
+    with torch.no_grad():
+        trained = loaded.rpn(images, features, targets)[0][0]
+        set_peak_proposals(loaded, 0)
+        assert torch.equal(trained, loaded.rpn(images, features, targets)[0][0])  # no peak boxes in training
+    with pytest.raises(ValueError, match="max_peaks"):
+        set_peak_proposals(loaded, -1)

@@ -8,6 +8,7 @@ from deblend.models.mask_rcnn import (
     load_weights,
     model_config,
     save_weights,
+    set_peak_proposals,
     set_test_proposals,
     with_mask_head,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "load_weights",
     "model_config",
     "save_weights",
+    "set_peak_proposals",
     "set_test_proposals",
     "with_mask_head",
 ]

@@ -24,13 +24,14 @@ from numbers import Integral, Real
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import resnet18
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
@@ -46,6 +47,8 @@ __all__ = [
     "model_config",
     "with_mask_head",
     "set_test_proposals",
+    "set_peak_proposals",
+    "peak_boxes",
     "save_weights",
     "load_weights",
     "count_parameters",
@@ -481,6 +484,7 @@ def build_mask_rcnn(
     rpn_post_nms_top_n_train=500,
     rpn_pre_nms_top_n_test=600,
     rpn_post_nms_top_n_test=300,
+    peak_proposals=0,
     trainable_backbone_layers=5,
     seed=None,
 ):
@@ -528,6 +532,11 @@ def build_mask_rcnn(
         Proposals kept per pyramid level before the RPN's NMS.
     rpn_post_nms_top_n_train, rpn_post_nms_top_n_test : int, optional
         Proposals kept per image after the RPN's NMS.
+    peak_proposals : int, optional
+        At inference, also give the box head boxes around up to this many of
+        the brightest local maxima of each (smoothed) input window (see
+        :func:`peak_boxes`), for close companions the RPN does not propose;
+        0 (default) adds none. Training is unaffected.
     trainable_backbone_layers : int, optional
         How many backbone units, counted from the top (layer4, layer3, layer2,
         layer1, stem), are trained; the rest are frozen (parameters and
@@ -601,6 +610,7 @@ def build_mask_rcnn(
         ("rpn_post_nms_top_n_test", rpn_post_nms_top_n_test),
     ):
         rpn[name] = _check_int(name, value, 1)
+    peak_proposals = _check_int("peak_proposals", peak_proposals, 0)
     if not _is_int(trainable_backbone_layers) or not 0 <= trainable_backbone_layers <= 5:
         raise ValueError(
             f"trainable_backbone_layers must be an integer in [0, 5], got "
@@ -623,6 +633,7 @@ def build_mask_rcnn(
         "box_score_thresh": box_score_thresh,
         "box_detections_per_img": box_detections_per_img,
         **rpn,
+        "peak_proposals": peak_proposals,
         "trainable_backbone_layers": trainable_backbone_layers,
         "seed": seed,
     }
@@ -677,7 +688,101 @@ def _build(config):
         mask_predictor=_MaskPredictor(mask_channels[-1], mask_channels[-1], config["num_classes"]),
     )
     model.transform = _NoResizeTransform(config["in_channels"], _SIZE_DIVISIBLE)
+    model.rpn.__class__ = _PeakProposalRPN  # same parameters and state dict, one extra step
+    model.rpn.peak_proposals = config["peak_proposals"]
     model.deblend_config = dict(config)
+    return model
+
+
+#: Local maxima of the 3x3-smoothed asinh(S/N) window above this value seed peak proposals.
+PEAK_THRESHOLD = 1.5
+#: Side lengths (pixels) of the square boxes put around each peak; the box head refines them.
+PEAK_BOX_SIZES = (6.0, 12.0)
+#: A peak is the maximum of its PEAK_WINDOW x PEAK_WINDOW neighbourhood.
+PEAK_WINDOW = 5
+
+
+def peak_boxes(images, image_sizes, *, max_peaks, threshold=PEAK_THRESHOLD, sizes=PEAK_BOX_SIZES,
+               window=PEAK_WINDOW):
+    """Square boxes around the brightest local maxima of each image.
+
+    A pixel is a peak when it is the maximum of its ``window`` x ``window`` neighbourhood in
+    the image smoothed by a 3x3 mean and exceeds ``threshold``. Close
+    companions with a peak of their own but no region proposal reach the box
+    head this way, which scores, classifies and refines them like any
+    proposal.
+
+    Parameters
+    ----------
+    images : Tensor, shape (batch, ny, nx)
+        Normalised detection images (asinh(S/N)), zero-padded.
+    image_sizes : list of (int, int)
+        Each image's unpadded ``(ny, nx)``; boxes are clipped to it.
+    max_peaks : int
+        Peaks kept per image, brightest first.
+    threshold : float, optional
+    sizes : sequence of float, optional
+        Box side lengths; each peak gets one box per size.
+
+    Returns
+    -------
+    list of Tensor, shape (n_i, 4)
+        x1, y1, x2, y2 per image, in the images' pixel coordinates.
+    """
+    smooth = F.avg_pool2d(images[:, None], 3, stride=1, padding=1, count_include_pad=False)
+    is_peak = (smooth == F.max_pool2d(smooth, window, stride=1, padding=window // 2)) & (smooth > threshold)
+    half = torch.as_tensor(sizes, dtype=images.dtype, device=images.device)[:, None] / 2
+    out = []
+    for b, (ny, nx) in enumerate(image_sizes):
+        ys, xs = is_peak[b, 0, :ny, :nx].nonzero(as_tuple=True)
+        values = smooth[b, 0, ys, xs]
+        keep = values.argsort(descending=True)[:max_peaks]
+        cx, cy = xs[keep].to(images.dtype) + 0.5, ys[keep].to(images.dtype) + 0.5
+        boxes = torch.stack([cx[None] - half, cy[None] - half, cx[None] + half, cy[None] + half], dim=-1)
+        boxes = boxes.reshape(-1, 4)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, nx)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ny)
+        out.append(boxes)
+    return out
+
+
+class _PeakProposalRPN(RegionProposalNetwork):
+    """torchvision's RPN whose inference proposals also include `peak_boxes` (``peak_proposals`` > 0)."""
+
+    peak_proposals = 0
+
+    def forward(self, images, features, targets=None):
+        boxes, losses = super().forward(images, features, targets)
+        if self.training or not self.peak_proposals:
+            return boxes, losses
+        extra = peak_boxes(images.tensors[:, 0], images.image_sizes, max_peaks=self.peak_proposals,
+                           threshold=PEAK_THRESHOLD, sizes=PEAK_BOX_SIZES, window=PEAK_WINDOW)
+        return [torch.cat([b, e.to(b.dtype)]) for b, e in zip(boxes, extra, strict=True)], losses
+
+
+def set_peak_proposals(model, max_peaks):
+    """Set how many peak proposals (:func:`peak_boxes`) inference adds per window; 0 adds none.
+
+    Like `set_test_proposals`, the value is part of the model's configuration,
+    so `save_weights` records it and `load_weights` restores it.
+
+    Parameters
+    ----------
+    model : torchvision.models.detection.MaskRCNN
+        A model from :func:`build_mask_rcnn` or :func:`load_weights`; changed
+        in place.
+    max_peaks : int
+
+    Returns
+    -------
+    torchvision.models.detection.MaskRCNN
+        ``model``.
+    """
+    max_peaks = _check_int("max_peaks", max_peaks, 0)
+    config = model_config(model)
+    model.rpn.peak_proposals = max_peaks
+    config.update(peak_proposals=max_peaks)
+    model.deblend_config = config
     return model
 
 

@@ -1,0 +1,69 @@
+"""Recipe step: a weights file with other inference options, same network (e.g. the shipped one).
+
+The options change what the trained network is given or keeps at inference, never its
+weights: ``--peak-proposals N`` adds boxes around up to N local maxima of each window to
+the RPN's proposals (`deblend.models.set_peak_proposals`), ``--rpn-test-top-n PRE,POST``
+sets how many RPN proposals are kept (`deblend.models.set_test_proposals`). The new file
+gets a model card beside it: the input's card with the options recorded under
+``inference_options`` (and the input file's name and sha256), and its metrics cleared
+until `pipelines/benchmark_quality.py` measures them again.
+
+Usage (from the repository root):
+    .venv/bin/python pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100 \
+        --out runs/mask_rcnn_stage10_peaks.pt
+"""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from deblend.models import load_weights, model_config, save_weights, set_peak_proposals, set_test_proposals
+
+log = logging.getLogger("set_inference_options")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", help="a Mask R-CNN weights file with its model card (.json) beside it")
+    p.add_argument("--peak-proposals", type=int, default=None, metavar="N",
+                   help="peak proposals per window at inference (0: none)")
+    p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
+                   help="RPN proposals kept at inference, before/after NMS")
+    p.add_argument("--out", required=True, help="the new weights file (its card is written beside it)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    source, out = Path(args.weights), Path(args.out)
+    if out.resolve() == source.resolve():
+        p.error(f"--out must differ from the input weights file, got {args.out!r} for both")
+    card_path = source.with_suffix(".json")
+    if not card_path.exists():
+        p.error(f"{source} has no model card {card_path.name} beside it; pass a file written by "
+                "pipelines/train_mask_rcnn.py (or a copy with its card)")
+    model = load_weights(source)
+    try:
+        if args.peak_proposals is not None:
+            set_peak_proposals(model, args.peak_proposals)
+        if args.rpn_test_top_n is not None:
+            values = args.rpn_test_top_n.split(",")
+            if len(values) != 2 or not all(v.strip().isdigit() for v in values):
+                p.error(f"--rpn-test-top-n must be PRE,POST (two integers), got {args.rpn_test_top_n!r}; "
+                        "e.g. --rpn-test-top-n 600,300")
+            set_test_proposals(model, int(values[0]), int(values[1]))
+    except ValueError as error:
+        p.error(str(error))
+    config = model_config(model)
+    options = {"peak_proposals": config["peak_proposals"],
+               "rpn_test_top_n": [config["rpn_pre_nms_top_n_test"], config["rpn_post_nms_top_n_test"]],
+               "from": {"file": source.name, "sha256": model.deblend_sha256}}
+    metadata = {**model.deblend_metadata, "name": out.stem, "inference_options": options}
+    sha = save_weights(model, out, metadata=metadata)
+    card = json.loads(card_path.read_text())
+    card.update({"name": out.stem, "weights_file": out.name, "sha256": sha, "inference_options": options,
+                 "metrics": None, "metrics_note": "filled in by pipelines/benchmark_quality.py"})
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    log.info("wrote %s (sha256 %s) and its card: %s", out, sha[:12], options)
+
+
+if __name__ == "__main__":
+    main()
