@@ -472,3 +472,19 @@ def test_peak_proposals_reach_the_box_head_at_inference_only(tmp_path):
         assert torch.equal(trained, loaded.rpn(images, features, targets)[0][0])  # no peak boxes in training
     with pytest.raises(ValueError, match="max_peaks"):
         set_peak_proposals(loaded, -1)
+
+
+def test_peak_threshold_rises_with_correlated_noise():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(1)
+    noise = gaussian_filter(rng.normal(0.0, 1.0, (96, 96)), 1.5)
+    noise /= noise.std()  # correlated: smoothing 3x3 barely lowers it
+    image = torch.from_numpy(noise.astype(np.float32))[None]
+    loose = peak_boxes(image, [(96, 96)], max_peaks=100, threshold=1.5, nsigma=0.0, sizes=(6.0,))[0]
+    strict = peak_boxes(image, [(96, 96)], max_peaks=100, threshold=1.5, nsigma=4.5, sizes=(6.0,))[0]
+    assert len(loose) >= 5 and len(strict) == 0
+    y, x = np.mgrid[:96, :96]
+    image[0] += torch.from_numpy((12.0 * np.exp(-((x - 30) ** 2 + (y - 60) ** 2) / 4.0)).astype(np.float32))
+    found = peak_boxes(image, [(96, 96)], max_peaks=100, threshold=1.5, nsigma=4.5, sizes=(6.0,))[0]
+    assert ((found[:, :2] + found[:, 2:]) / 2).tolist() == [[30.5, 60.5]]

@@ -694,20 +694,25 @@ def _build(config):
     return model
 
 
-#: Local maxima of the 3x3-smoothed asinh(S/N) window above this value seed peak proposals.
+#: Local maxima of the 3x3-smoothed asinh(S/N) window above this value seed peak proposals...
 PEAK_THRESHOLD = 1.5
+#: ...and above this many robust standard deviations of the smoothed window (correlated noise
+#: smooths less, so its threshold rises; for white noise the two agree).
+PEAK_NSIGMA = 4.5
 #: Side lengths (pixels) of the square boxes put around each peak; the box head refines them.
 PEAK_BOX_SIZES = (6.0, 12.0)
 #: A peak is the maximum of its PEAK_WINDOW x PEAK_WINDOW neighbourhood.
 PEAK_WINDOW = 5
 
 
-def peak_boxes(images, image_sizes, *, max_peaks, threshold=PEAK_THRESHOLD, sizes=PEAK_BOX_SIZES,
-               window=PEAK_WINDOW):
+def peak_boxes(images, image_sizes, *, max_peaks, threshold=PEAK_THRESHOLD, nsigma=PEAK_NSIGMA,
+               sizes=PEAK_BOX_SIZES, window=PEAK_WINDOW):
     """Square boxes around the brightest local maxima of each image.
 
-    A pixel is a peak when it is the maximum of its ``window`` x ``window`` neighbourhood in
-    the image smoothed by a 3x3 mean and exceeds ``threshold``. Close
+    A pixel is a peak when it is the maximum of its ``window`` x ``window``
+    neighbourhood in the image smoothed by a 3x3 mean and exceeds both
+    ``threshold`` and ``nsigma`` times that smoothed image's robust standard
+    deviation (1.4826 x its median absolute deviation). Close
     companions with a peak of their own but no region proposal reach the box
     head this way, which scores, classifies and refines them like any
     proposal.
@@ -721,6 +726,9 @@ def peak_boxes(images, image_sizes, *, max_peaks, threshold=PEAK_THRESHOLD, size
     max_peaks : int
         Peaks kept per image, brightest first.
     threshold : float, optional
+        Lowest peak value, in the images' units.
+    nsigma : float, optional
+        Lowest peak value in robust standard deviations of each smoothed image.
     sizes : sequence of float, optional
         Box side lengths; each peak gets one box per size.
 
@@ -730,11 +738,14 @@ def peak_boxes(images, image_sizes, *, max_peaks, threshold=PEAK_THRESHOLD, size
         x1, y1, x2, y2 per image, in the images' pixel coordinates.
     """
     smooth = F.avg_pool2d(images[:, None], 3, stride=1, padding=1, count_include_pad=False)
-    is_peak = (smooth == F.max_pool2d(smooth, window, stride=1, padding=window // 2)) & (smooth > threshold)
+    is_peak = smooth == F.max_pool2d(smooth, window, stride=1, padding=window // 2)
     half = torch.as_tensor(sizes, dtype=images.dtype, device=images.device)[:, None] / 2
     out = []
     for b, (ny, nx) in enumerate(image_sizes):
-        ys, xs = is_peak[b, 0, :ny, :nx].nonzero(as_tuple=True)
+        window_values = smooth[b, 0, :ny, :nx]
+        mad = (window_values - window_values.median()).abs().median()
+        floor = max(float(threshold), float(nsigma * 1.4826 * mad))
+        ys, xs = (is_peak[b, 0, :ny, :nx] & (window_values > floor)).nonzero(as_tuple=True)
         values = smooth[b, 0, ys, xs]
         keep = values.argsort(descending=True)[:max_peaks]
         cx, cy = xs[keep].to(images.dtype) + 0.5, ys[keep].to(images.dtype) + 0.5
@@ -756,7 +767,8 @@ class _PeakProposalRPN(RegionProposalNetwork):
         if self.training or not self.peak_proposals:
             return boxes, losses
         extra = peak_boxes(images.tensors[:, 0], images.image_sizes, max_peaks=self.peak_proposals,
-                           threshold=PEAK_THRESHOLD, sizes=PEAK_BOX_SIZES, window=PEAK_WINDOW)
+                           threshold=PEAK_THRESHOLD, nsigma=PEAK_NSIGMA, sizes=PEAK_BOX_SIZES,
+                           window=PEAK_WINDOW)
         return [torch.cat([b, e.to(b.dtype)]) for b, e in zip(boxes, extra, strict=True)], losses
 
 
