@@ -52,7 +52,9 @@ train-mask-rcnn: $(STAMP)
 	$(BIN)/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage9.pt --n-train 4000 \
 		--train-seed 8 --correlated-fraction 0.5 --r-half-max 1.5,4 --space-fraction 0.25 \
 		--blend-fraction 0.35,0.85 --density 60,400 --lr 1e-4 --steps 20000 --max-minutes 66 \
-		--checkpoints runs/checkpoints/mask_rcnn_stage10
+		--checkpoints runs/checkpoints/mask_rcnn_stage10 --out runs/mask_rcnn_stage10.pt
+	$(BIN)/python pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100 \
+		--out deblend/weights/mask_rcnn_small.pt
 
 lint: $(STAMP)
 	$(BIN)/ruff check deblend tests pipelines
