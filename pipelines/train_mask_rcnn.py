@@ -24,8 +24,10 @@ blends, a companion for 50-90 % of the primaries and 100-400 sources/arcmin²
 (``--blend-fraction 0.5,0.9 --density 100,400``; 82 minutes); it was not shipped on its own
 (it lost large-galaxy F1), but stage 9 trains it again on 4000 new scenes (seed 7) weighted
 between the two (``--blend-fraction 0.35,0.85 --density 60,400``, lr 1e-4, 66 minutes);
-stage 10 trains stage 9 again with the same recipe on 4000 new scenes (seed 8; 66 minutes),
-and stage 10 is shipped (see the README for the rules). ("Stage 5", a box head retrained with
+stage 10 trains stage 9 again with the same recipe on 4000 new scenes (seed 8; 66 minutes).
+The shipped file is stage 10 with peak proposals at inference, written by
+``pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100`` (see the
+README for the rules). ("Stage 5", a box head retrained with
 256 proposals per image, was tried and not shipped.)
 The validation scenes (seed 1) are white-noise scenes throughout.
 
@@ -59,7 +61,9 @@ Usage (from the repository root; ``make train-mask-rcnn`` runs the nine stages):
     .venv/bin/python pipelines/train_mask_rcnn.py --init-from runs/mask_rcnn_stage9.pt \
         --n-train 4000 --train-seed 8 --correlated-fraction 0.5 --r-half-max 1.5,4 --space-fraction 0.25 \
         --blend-fraction 0.35,0.85 --density 60,400 --lr 1e-4 --steps 20000 --max-minutes 66 \
-        --checkpoints runs/checkpoints/mask_rcnn_stage10               # stage 10 (shipped)
+        --checkpoints runs/checkpoints/mask_rcnn_stage10 --out runs/mask_rcnn_stage10.pt   # stage 10
+    .venv/bin/python pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100 \
+        --out deblend/weights/mask_rcnn_small.pt                                            # shipped
     .venv/bin/python pipelines/train_mask_rcnn.py --steps 50 --n-train 40 --out runs/tiny.pt   # smoke test
 """
 
