@@ -746,7 +746,7 @@ def peak_boxes(images, image_sizes, *, max_peaks, threshold=PEAK_THRESHOLD, nsig
         mad = (window_values - window_values.median()).abs().median()
         floor = max(float(threshold), float(nsigma * 1.4826 * mad))
         ys, xs = (is_peak[b, 0, :ny, :nx] & (window_values > floor)).nonzero(as_tuple=True)
-        values = smooth[b, 0, ys, xs]
+        values = window_values[ys, xs]
         keep = values.argsort(descending=True)[:max_peaks]
         cx, cy = xs[keep].to(images.dtype) + 0.5, ys[keep].to(images.dtype) + 0.5
         boxes = torch.stack([cx[None] - half, cy[None] - half, cx[None] + half, cy[None] + half], dim=-1)
