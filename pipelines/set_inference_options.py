@@ -2,7 +2,9 @@
 
 The options change what the trained network is given or keeps at inference, never its
 weights: ``--peak-proposals N`` adds boxes around up to N local maxima of each window to
-the RPN's proposals (`deblend.models.set_peak_proposals`), ``--rpn-test-top-n PRE,POST``
+the RPN's proposals (`deblend.models.set_peak_proposals`), ``--contrast-peak-proposals N``
+boxes around up to N maxima of the local contrast (companions on a brighter neighbour's
+slope, `deblend.models.peak_boxes`), ``--rpn-test-top-n PRE,POST``
 sets how many RPN proposals are kept (`deblend.models.set_test_proposals`). The new file
 gets a model card beside it: the input's card with the options recorded under
 ``inference_options`` (and the input file's name and sha256), and its metrics cleared
@@ -10,7 +12,7 @@ until `pipelines/benchmark_quality.py` measures them again.
 
 Usage (from the repository root):
     .venv/bin/python pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100 \
-        --out runs/mask_rcnn_stage10_peaks.pt
+        [--contrast-peak-proposals 100] --out runs/mask_rcnn_stage10_peaks.pt
 """
 
 import argparse
@@ -28,6 +30,8 @@ def main(argv=None):
     p.add_argument("weights", help="a Mask R-CNN weights file with its model card (.json) beside it")
     p.add_argument("--peak-proposals", type=int, default=None, metavar="N",
                    help="peak proposals per window at inference (0: none)")
+    p.add_argument("--contrast-peak-proposals", type=int, default=None, metavar="N",
+                   help="contrast-peak proposals per window at inference (0: none)")
     p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
                    help="RPN proposals kept at inference, before/after NMS")
     p.add_argument("--out", required=True, help="the new weights file (its card is written beside it)")
@@ -42,8 +46,9 @@ def main(argv=None):
                 "pipelines/train_mask_rcnn.py (or a copy with its card)")
     model = load_weights(source)
     try:
-        if args.peak_proposals is not None:
-            set_peak_proposals(model, args.peak_proposals)
+        if args.peak_proposals is not None or args.contrast_peak_proposals is not None:
+            peaks = model_config(model)["peak_proposals"] if args.peak_proposals is None else args.peak_proposals
+            set_peak_proposals(model, peaks, max_contrast_peaks=args.contrast_peak_proposals)
         if args.rpn_test_top_n is not None:
             values = args.rpn_test_top_n.split(",")
             if len(values) != 2 or not all(v.strip().isdigit() for v in values):
@@ -54,6 +59,7 @@ def main(argv=None):
         p.error(str(error))
     config = model_config(model)
     options = {"peak_proposals": config["peak_proposals"],
+               "contrast_peak_proposals": config["contrast_peak_proposals"],
                "rpn_test_top_n": [config["rpn_pre_nms_top_n_test"], config["rpn_post_nms_top_n_test"]],
                "from": {"file": source.name, "sha256": model.deblend_sha256}}
     metadata = {**model.deblend_metadata, "name": out.stem, "inference_options": options}

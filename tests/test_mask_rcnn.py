@@ -447,6 +447,27 @@ def test_peak_boxes_find_close_companions_brightest_first():
     assert len(peak_boxes(torch.zeros(1, 16, 16), [(16, 16)], max_peaks=10)[0]) == 0
 
 
+def _companion_on_a_slope(companion=2.0):
+    """A 40x48 image: a broad source at x=18 and a compact companion 7 pixels away on its slope."""
+    y, x = np.mgrid[:40, :48]
+    image = 8.0 * np.exp(-((x - 18) ** 2 + (y - 20) ** 2) / (2 * 3.0**2))
+    image += companion * np.exp(-((x - 25) ** 2 + (y - 20) ** 2) / (2 * 1.0**2))
+    return torch.from_numpy(image.astype(np.float32))[None]
+
+
+def test_contrast_peaks_find_a_companion_without_a_maximum_of_its_own():
+    def centres(image, n_contrast):
+        boxes = peak_boxes(image, [(40, 48)], max_peaks=10, max_contrast_peaks=n_contrast, threshold=1.0,
+                           sizes=(6.0,))[0]
+        return ((boxes[:, :2] + boxes[:, 2:]) / 2).tolist()
+
+    assert centres(_companion_on_a_slope(), 0) == [[18.5, 20.5]]  # the companion is no local maximum
+    assert centres(_companion_on_a_slope(), 10) == [[18.5, 20.5], [25.5, 20.5]]  # peaks first, then contrast
+    # a lone source's contrast peaks at its own maximum, which already has boxes; flat sky gives none
+    assert centres(_companion_on_a_slope(companion=0.0), 10) == [[18.5, 20.5]]
+    assert len(peak_boxes(torch.zeros(1, 16, 16), [(16, 16)], max_peaks=10, max_contrast_peaks=10)[0]) == 0
+
+
 def test_peak_proposals_reach_the_box_head_at_inference_only(tmp_path):
     from torchvision.models.detection.image_list import ImageList
 
@@ -472,6 +493,28 @@ def test_peak_proposals_reach_the_box_head_at_inference_only(tmp_path):
         assert torch.equal(trained, loaded.rpn(images, features, targets)[0][0])  # no peak boxes in training
     with pytest.raises(ValueError, match="max_peaks"):
         set_peak_proposals(loaded, -1)
+
+
+def test_contrast_peak_proposals_are_saved_and_kept(tmp_path):
+    from torchvision.models.detection.image_list import ImageList
+
+    model = set_peak_proposals(build_mask_rcnn(seed=0), 5, max_contrast_peaks=3)
+    save_weights(model, tmp_path / "m.pt", metadata={})
+    loaded = load_weights(tmp_path / "m.pt")
+    assert model_config(loaded)["contrast_peak_proposals"] == 3
+    assert model_config(build_mask_rcnn())["contrast_peak_proposals"] == 0
+    set_peak_proposals(loaded, 0)  # the contrast setting is kept unless given
+    assert loaded.rpn.contrast_peak_proposals == 3 and model_config(loaded)["contrast_peak_proposals"] == 3
+    image = torch.nn.functional.pad(_companion_on_a_slope(), (0, 16, 0, 24))[None]  # padded to 64x64
+    images = ImageList(image, [(40, 48)])
+    with torch.no_grad():
+        features = loaded.backbone(image)
+        with_contrast = loaded.rpn(images, features)[0][0]
+        set_peak_proposals(loaded, 0, max_contrast_peaks=0)
+        without = loaded.rpn(images, features)[0][0]
+    assert len(with_contrast) == len(without) + 2  # the companion, two box sizes
+    with pytest.raises(ValueError, match="max_contrast_peaks"):
+        set_peak_proposals(loaded, 0, max_contrast_peaks=-1)
 
 
 def test_peak_threshold_rises_with_correlated_noise():

@@ -36,11 +36,23 @@ def test_options_reach_the_weights_and_the_card(tmp_path):
     config = model_config(second)
     assert config["peak_proposals"] == 40 and second.rpn.peak_proposals == 40
     assert (config["rpn_pre_nms_top_n_test"], config["rpn_post_nms_top_n_test"]) == (700, 350)
+    assert config["contrast_peak_proposals"] == 0
     assert all(torch.equal(v, first.state_dict()[k]) for k, v in second.state_dict().items())  # same network
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["sha256"] == sha256_file(out) and card["weights_file"] == "peaks.pt"
     assert card["inference_options"]["from"] == {"file": "stage.pt", "sha256": sha256_file(source)}
     assert card["metrics"] is None and "benchmark_quality" in card["metrics_note"]
+
+
+def test_contrast_peaks_alone_keep_the_peak_setting(tmp_path):
+    source, peaks, both = _trained(tmp_path), tmp_path / "peaks.pt", tmp_path / "both.pt"
+    assert _run(source, "--peak-proposals", 40, "--out", peaks).returncode == 0
+    result = _run(peaks, "--contrast-peak-proposals", 30, "--out", both)
+    assert result.returncode == 0, result.stderr
+    config = model_config(load_weights(both))
+    assert (config["peak_proposals"], config["contrast_peak_proposals"]) == (40, 30)
+    options = json.loads(both.with_suffix(".json").read_text())["inference_options"]
+    assert (options["peak_proposals"], options["contrast_peak_proposals"]) == (40, 30)
 
 
 def test_bad_options_are_parser_errors_naming_the_fix(tmp_path):

@@ -485,6 +485,7 @@ def build_mask_rcnn(
     rpn_pre_nms_top_n_test=600,
     rpn_post_nms_top_n_test=300,
     peak_proposals=0,
+    contrast_peak_proposals=0,
     trainable_backbone_layers=5,
     seed=None,
 ):
@@ -537,6 +538,10 @@ def build_mask_rcnn(
         the brightest local maxima of each (smoothed) input window (see
         :func:`peak_boxes`), for close companions the RPN does not propose;
         0 (default) adds none. Training is unaffected.
+    contrast_peak_proposals : int, optional
+        Likewise, boxes around up to this many maxima of the local contrast
+        (:func:`peak_boxes`' ``max_contrast_peaks``): companions on a brighter
+        neighbour's slope, with no maximum of their own. 0 (default) adds none.
     trainable_backbone_layers : int, optional
         How many backbone units, counted from the top (layer4, layer3, layer2,
         layer1, stem), are trained; the rest are frozen (parameters and
@@ -611,6 +616,7 @@ def build_mask_rcnn(
     ):
         rpn[name] = _check_int(name, value, 1)
     peak_proposals = _check_int("peak_proposals", peak_proposals, 0)
+    contrast_peak_proposals = _check_int("contrast_peak_proposals", contrast_peak_proposals, 0)
     if not _is_int(trainable_backbone_layers) or not 0 <= trainable_backbone_layers <= 5:
         raise ValueError(
             f"trainable_backbone_layers must be an integer in [0, 5], got "
@@ -634,6 +640,7 @@ def build_mask_rcnn(
         "box_detections_per_img": box_detections_per_img,
         **rpn,
         "peak_proposals": peak_proposals,
+        "contrast_peak_proposals": contrast_peak_proposals,
         "trainable_backbone_layers": trainable_backbone_layers,
         "seed": seed,
     }
@@ -690,6 +697,7 @@ def _build(config):
     model.transform = _NoResizeTransform(config["in_channels"], _SIZE_DIVISIBLE)
     model.rpn.__class__ = _PeakProposalRPN  # same parameters and state dict, one extra step
     model.rpn.peak_proposals = config["peak_proposals"]
+    model.rpn.contrast_peak_proposals = config["contrast_peak_proposals"]
     model.deblend_config = dict(config)
     return model
 
@@ -703,10 +711,38 @@ PEAK_NSIGMA = 4.5
 PEAK_BOX_SIZES = (6.0, 12.0)
 #: A peak is the maximum of its PEAK_WINDOW x PEAK_WINDOW neighbourhood.
 PEAK_WINDOW = 5
+#: Contrast peaks: maxima of the smoothed window minus its PEAK_CONTRAST_BOX x PEAK_CONTRAST_BOX
+#: running mean (a companion on a brighter neighbour's slope has one, but no maximum of its own)...
+PEAK_CONTRAST_BOX = 5
+#: ...whose contrast exceeds this many robust standard deviations of the window's contrast.
+PEAK_CONTRAST_NSIGMA = 1.0
 
 
-def peak_boxes(images, image_sizes, *, max_peaks, threshold=PEAK_THRESHOLD, nsigma=PEAK_NSIGMA,
-               sizes=PEAK_BOX_SIZES, window=PEAK_WINDOW):
+def _robust_sigma(values):
+    """1.4826 x the median absolute deviation of a tensor's values."""
+    return float(1.4826 * (values - values.median()).abs().median())
+
+
+def _square_boxes(xs, ys, half, ny, nx):
+    """(n * len(half), 4) boxes of side ``2 * half`` centred on pixels ``(xs, ys)``, clipped."""
+    cx, cy = xs.to(half.dtype) + 0.5, ys.to(half.dtype) + 0.5
+    boxes = torch.stack([cx[None] - half, cy[None] - half, cx[None] + half, cy[None] + half], dim=-1)
+    boxes = boxes.reshape(-1, 4)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, nx)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ny)
+    return boxes
+
+
+def _brightest(selected, values, n):
+    """``(xs, ys)`` of up to ``n`` pixels of the boolean map ``selected``, highest ``values`` first."""
+    ys, xs = selected.nonzero(as_tuple=True)
+    keep = values[ys, xs].argsort(descending=True)[:n]
+    return xs[keep], ys[keep]
+
+
+def peak_boxes(images, image_sizes, *, max_peaks, max_contrast_peaks=0, threshold=PEAK_THRESHOLD,
+               nsigma=PEAK_NSIGMA, sizes=PEAK_BOX_SIZES, window=PEAK_WINDOW,
+               contrast_box=PEAK_CONTRAST_BOX, contrast_nsigma=PEAK_CONTRAST_NSIGMA):
     """Square boxes around the brightest local maxima of each image.
 
     A pixel is a peak when it is the maximum of its ``window`` x ``window``
@@ -717,6 +753,13 @@ def peak_boxes(images, image_sizes, *, max_peaks, threshold=PEAK_THRESHOLD, nsig
     head this way, which scores, classifies and refines them like any
     proposal.
 
+    A companion on the slope of a brighter neighbour often has no maximum of
+    its own, only a bump. With ``max_contrast_peaks`` > 0, maxima of the
+    *contrast*, the smoothed image minus its ``contrast_box`` x
+    ``contrast_box`` running mean, get boxes too: those above the same floor
+    in the smoothed image, above ``contrast_nsigma`` robust standard
+    deviations of the contrast, and not within 2 pixels of a peak.
+
     Parameters
     ----------
     images : Tensor, shape (batch, ny, nx)
@@ -725,58 +768,80 @@ def peak_boxes(images, image_sizes, *, max_peaks, threshold=PEAK_THRESHOLD, nsig
         Each image's unpadded ``(ny, nx)``; boxes are clipped to it.
     max_peaks : int
         Peaks kept per image, brightest first.
+    max_contrast_peaks : int, optional
+        Contrast peaks kept per image, highest contrast first; 0 (default)
+        looks for none.
     threshold : float, optional
         Lowest peak value, in the images' units.
     nsigma : float, optional
         Lowest peak value in robust standard deviations of each smoothed image.
     sizes : sequence of float, optional
         Box side lengths; each peak gets one box per size.
+    window : int, optional
+        Odd side of the neighbourhood a peak is the maximum of.
+    contrast_box : int, optional
+        Odd side of the running mean subtracted for the contrast.
+    contrast_nsigma : float, optional
+        Lowest contrast of a contrast peak, in robust standard deviations of
+        each image's contrast.
 
     Returns
     -------
     list of Tensor, shape (n_i, 4)
-        x1, y1, x2, y2 per image, in the images' pixel coordinates.
+        x1, y1, x2, y2 per image, in the images' pixel coordinates: the
+        peaks' boxes, then the contrast peaks'.
     """
     smooth = F.avg_pool2d(images[:, None], 3, stride=1, padding=1, count_include_pad=False)
     is_peak = smooth == F.max_pool2d(smooth, window, stride=1, padding=window // 2)
+    if max_contrast_peaks:
+        contrast = smooth - F.avg_pool2d(smooth, contrast_box, stride=1, padding=contrast_box // 2,
+                                         count_include_pad=False)
+        is_contrast_peak = contrast == F.max_pool2d(contrast, window, stride=1, padding=window // 2)
+        near_peak = F.max_pool2d(is_peak.to(images.dtype), 5, stride=1, padding=2) > 0
     half = torch.as_tensor(sizes, dtype=images.dtype, device=images.device)[:, None] / 2
     out = []
     for b, (ny, nx) in enumerate(image_sizes):
         window_values = smooth[b, 0, :ny, :nx]
-        mad = (window_values - window_values.median()).abs().median()
-        floor = max(float(threshold), float(nsigma * 1.4826 * mad))
-        ys, xs = (is_peak[b, 0, :ny, :nx] & (window_values > floor)).nonzero(as_tuple=True)
-        values = window_values[ys, xs]
-        keep = values.argsort(descending=True)[:max_peaks]
-        cx, cy = xs[keep].to(images.dtype) + 0.5, ys[keep].to(images.dtype) + 0.5
-        boxes = torch.stack([cx[None] - half, cy[None] - half, cx[None] + half, cy[None] + half], dim=-1)
-        boxes = boxes.reshape(-1, 4)
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, nx)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ny)
-        out.append(boxes)
+        bright = window_values > max(float(threshold), nsigma * _robust_sigma(window_values))
+        xs, ys = _brightest(is_peak[b, 0, :ny, :nx] & bright, window_values, max_peaks)
+        boxes = [_square_boxes(xs, ys, half, ny, nx)]
+        if max_contrast_peaks:
+            values = contrast[b, 0, :ny, :nx]
+            selected = (is_contrast_peak[b, 0, :ny, :nx] & ~near_peak[b, 0, :ny, :nx] & bright
+                        & (values > contrast_nsigma * _robust_sigma(values)))
+            xs, ys = _brightest(selected, values, max_contrast_peaks)
+            boxes.append(_square_boxes(xs, ys, half, ny, nx))
+        out.append(torch.cat(boxes))
     return out
 
 
 class _PeakProposalRPN(RegionProposalNetwork):
-    """torchvision's RPN whose inference proposals also include `peak_boxes` (``peak_proposals`` > 0)."""
+    """torchvision's RPN whose inference proposals also include `peak_boxes`.
+
+    ``peak_proposals`` and ``contrast_peak_proposals`` are `peak_boxes`'
+    ``max_peaks`` and ``max_contrast_peaks``; with both 0 it is torchvision's RPN.
+    """
 
     peak_proposals = 0
+    contrast_peak_proposals = 0
 
     def forward(self, images, features, targets=None):
         boxes, losses = super().forward(images, features, targets)
-        if self.training or not self.peak_proposals:
+        if self.training or not (self.peak_proposals or self.contrast_peak_proposals):
             return boxes, losses
         extra = peak_boxes(images.tensors[:, 0], images.image_sizes, max_peaks=self.peak_proposals,
-                           threshold=PEAK_THRESHOLD, nsigma=PEAK_NSIGMA, sizes=PEAK_BOX_SIZES,
-                           window=PEAK_WINDOW)
+                           max_contrast_peaks=self.contrast_peak_proposals, threshold=PEAK_THRESHOLD,
+                           nsigma=PEAK_NSIGMA, sizes=PEAK_BOX_SIZES, window=PEAK_WINDOW,
+                           contrast_box=PEAK_CONTRAST_BOX, contrast_nsigma=PEAK_CONTRAST_NSIGMA)
         return [torch.cat([b, e.to(b.dtype)]) for b, e in zip(boxes, extra, strict=True)], losses
 
 
-def set_peak_proposals(model, max_peaks):
+def set_peak_proposals(model, max_peaks, *, max_contrast_peaks=None):
     """Set how many peak proposals (:func:`peak_boxes`) inference adds per window; 0 adds none.
 
-    Like `set_test_proposals`, the value is part of the model's configuration,
-    so `save_weights` records it and `load_weights` restores it.
+    Like `set_test_proposals`, the values are part of the model's
+    configuration, so `save_weights` records them and `load_weights` restores
+    them.
 
     Parameters
     ----------
@@ -784,6 +849,10 @@ def set_peak_proposals(model, max_peaks):
         A model from :func:`build_mask_rcnn` or :func:`load_weights`; changed
         in place.
     max_peaks : int
+        Boxes around up to this many local maxima per window.
+    max_contrast_peaks : int, optional
+        Boxes around up to this many contrast peaks per window (see
+        :func:`peak_boxes`); None (default) keeps the model's setting.
 
     Returns
     -------
@@ -792,8 +861,12 @@ def set_peak_proposals(model, max_peaks):
     """
     max_peaks = _check_int("max_peaks", max_peaks, 0)
     config = model_config(model)
+    if max_contrast_peaks is None:
+        max_contrast_peaks = config["contrast_peak_proposals"]
+    max_contrast_peaks = _check_int("max_contrast_peaks", max_contrast_peaks, 0)
     model.rpn.peak_proposals = max_peaks
-    config.update(peak_proposals=max_peaks)
+    model.rpn.contrast_peak_proposals = max_contrast_peaks
+    config.update(peak_proposals=max_peaks, contrast_peak_proposals=max_contrast_peaks)
     model.deblend_config = config
     return model
 
