@@ -54,6 +54,7 @@ train-mask-rcnn: $(STAMP)
 		--blend-fraction 0.35,0.85 --density 60,400 --lr 1e-4 --steps 20000 --max-minutes 66 \
 		--checkpoints runs/checkpoints/mask_rcnn_stage10 --out runs/mask_rcnn_stage10.pt
 	$(BIN)/python pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100 \
+		--contrast-peak-proposals 100 \
 		--out deblend/weights/mask_rcnn_small.pt
 
 lint: $(STAMP)
