@@ -25,10 +25,11 @@ blends, a companion for 50-90 % of the primaries and 100-400 sources/arcmin²
 (it lost large-galaxy F1), but stage 9 trains it again on 4000 new scenes (seed 7) weighted
 between the two (``--blend-fraction 0.35,0.85 --density 60,400``, lr 1e-4, 66 minutes);
 stage 10 trains stage 9 again with the same recipe on 4000 new scenes (seed 8; 66 minutes).
-The shipped file is stage 10 with peak proposals at inference, written by
-``pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100`` (see the
-README for the rules). ("Stage 5", a box head retrained with
-256 proposals per image, was tried and not shipped.)
+The shipped file is stage 10 with peak and contrast-peak proposals at inference, written by
+``pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100
+--contrast-peak-proposals 100`` (see the README for the rules). ("Stage 5", a box head retrained
+with 256 proposals per image, and stage 11, stage 10 trained again on seed 10, were tried and not
+shipped.)
 The validation scenes (seed 1) are white-noise scenes throughout.
 
 Usage (from the repository root; ``make train-mask-rcnn`` runs the nine stages):
@@ -63,7 +64,7 @@ Usage (from the repository root; ``make train-mask-rcnn`` runs the nine stages):
         --blend-fraction 0.35,0.85 --density 60,400 --lr 1e-4 --steps 20000 --max-minutes 66 \
         --checkpoints runs/checkpoints/mask_rcnn_stage10 --out runs/mask_rcnn_stage10.pt   # stage 10
     .venv/bin/python pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100 \
-        --out deblend/weights/mask_rcnn_small.pt                                            # shipped
+        --contrast-peak-proposals 100 --out deblend/weights/mask_rcnn_small.pt             # shipped
     .venv/bin/python pipelines/train_mask_rcnn.py --steps 50 --n-train 40 --out runs/tiny.pt   # smoke test
 """
 
