@@ -758,7 +758,8 @@ def peak_boxes(images, image_sizes, *, max_peaks, max_contrast_peaks=0, threshol
     *contrast*, the smoothed image minus its ``contrast_box`` x
     ``contrast_box`` running mean, get boxes too: those above the same floor
     in the smoothed image, above ``contrast_nsigma`` robust standard
-    deviations of the contrast, and not within 2 pixels of a peak.
+    deviations of the contrast, and more than 2 pixels from any local
+    maximum of the smoothed image (a bright one already has its boxes).
 
     Parameters
     ----------
