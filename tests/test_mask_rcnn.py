@@ -18,7 +18,7 @@ from deblend.models import (
     set_test_proposals,
     with_mask_head,
 )
-from deblend.models.mask_rcnn import MASK_BRANCH, _paste_masks, paste_mask_crops, peak_boxes
+from deblend.models.mask_rcnn import MASK_BRANCH, _paste_masks, _running_max, paste_mask_crops, peak_boxes
 from deblend.training import _instances
 
 torch.set_num_threads(2)
@@ -445,6 +445,18 @@ def test_peak_boxes_find_close_companions_brightest_first():
     # a threshold above the fainter source drops it; flat sky gives none
     assert len(peak_boxes(image, [(40, 48)], max_peaks=10, threshold=1.5, sizes=(6.0,))[0]) == 2
     assert len(peak_boxes(torch.zeros(1, 16, 16), [(16, 16)], max_peaks=10)[0]) == 0
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 7])
+def test_running_max_equals_max_pooling(size):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn((3, 1, 17, 22), generator=gen)
+    images[0, 0, 4:9, 6:12] = 2.5  # plateaus: ties must come out as the pooling gives them
+    expected = torch.nn.functional.max_pool2d(images, size, stride=1, padding=size // 2)
+    assert torch.equal(_running_max(images, size), expected)
+    flags = (images > 1).to(images.dtype)  # peak_boxes also dilates a boolean map this way
+    expected = torch.nn.functional.max_pool2d(flags, size, stride=1, padding=size // 2)
+    assert torch.equal(_running_max(flags, size), expected)
 
 
 def _companion_on_a_slope(companion=2.0):

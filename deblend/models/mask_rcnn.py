@@ -723,6 +723,25 @@ def _robust_sigma(values):
     return float(1.4826 * (values - values.median()).abs().median())
 
 
+def _running_max(images, size):
+    """Maximum over each pixel's ``size`` x ``size`` neighbourhood of ``(batch, 1, ny, nx)`` images.
+
+    Equals ``F.max_pool2d(images, size, stride=1, padding=size // 2)`` exactly (the
+    padding never wins), as shifted elementwise maxima along each axis in turn: on a
+    CPU about ten times faster than the pooling kernel at stride 1.
+    """
+    h = size // 2
+    ny, nx = images.shape[-2:]
+    padded = F.pad(images, (h, h, h, h), value=float("-inf"))
+    rows = padded[..., :ny, :]
+    for i in range(1, size):
+        rows = torch.maximum(rows, padded[..., i:i + ny, :])
+    out = rows[..., :nx]
+    for j in range(1, size):
+        out = torch.maximum(out, rows[..., j:j + nx])
+    return out
+
+
 def _square_boxes(xs, ys, half, ny, nx):
     """(n * len(half), 4) boxes of side ``2 * half`` centred on pixels ``(xs, ys)``, clipped."""
     cx, cy = xs.to(half.dtype) + 0.5, ys.to(half.dtype) + 0.5
@@ -793,12 +812,12 @@ def peak_boxes(images, image_sizes, *, max_peaks, max_contrast_peaks=0, threshol
         peaks' boxes, then the contrast peaks'.
     """
     smooth = F.avg_pool2d(images[:, None], 3, stride=1, padding=1, count_include_pad=False)
-    is_peak = smooth == F.max_pool2d(smooth, window, stride=1, padding=window // 2)
+    is_peak = smooth == _running_max(smooth, window)
     if max_contrast_peaks:
         contrast = smooth - F.avg_pool2d(smooth, contrast_box, stride=1, padding=contrast_box // 2,
                                          count_include_pad=False)
-        is_contrast_peak = contrast == F.max_pool2d(contrast, window, stride=1, padding=window // 2)
-        near_peak = F.max_pool2d(is_peak.to(images.dtype), 5, stride=1, padding=2) > 0
+        is_contrast_peak = contrast == _running_max(contrast, window)
+        near_peak = _running_max(is_peak.to(images.dtype), 5) > 0
     half = torch.as_tensor(sizes, dtype=images.dtype, device=images.device)[:, None] / 2
     out = []
     for b, (ny, nx) in enumerate(image_sizes):
