@@ -359,6 +359,9 @@ class TrainConfig:
     rpn_bg_iou_thresh: float = 0.3
     box_fg_iou_thresh: float = 0.5
     box_bg_iou_thresh: float = 0.5
+    # Add the inference-time peak and contrast-peak boxes (the model's own counts,
+    # deblend.models.mask_rcnn.peak_boxes) to the box head's training proposals.
+    peak_proposals: bool = False
 
 
 def _progress(step, elapsed, cfg):
@@ -612,8 +615,15 @@ def train_mask_rcnn(model, train_examples, *, val_examples=None, config=None, ch
         losses = model(*_to_device(images, targets, device))
         return sum(losses.values()), losses
 
-    return fit(model, batch_loss, config=cfg, validate=validate, checkpoint_dir=checkpoint_dir, resume=resume,
-               device=device)
+    if cfg.peak_proposals and not (model.rpn.peak_proposals or model.rpn.contrast_peak_proposals):
+        raise ValueError("config.peak_proposals=True but the model adds no peak boxes (peak_proposals and "
+                         "contrast_peak_proposals are 0); set them with deblend.models.set_peak_proposals first")
+    model.rpn.train_peak_proposals = bool(cfg.peak_proposals)
+    try:
+        return fit(model, batch_loss, config=cfg, validate=validate, checkpoint_dir=checkpoint_dir,
+                   resume=resume, device=device)
+    finally:
+        model.rpn.train_peak_proposals = False
 
 
 def hardware_info():

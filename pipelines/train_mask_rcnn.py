@@ -195,6 +195,9 @@ def main():
                         "which a negative (default 0.7,0.3)")
     p.add_argument("--box-iou", default=None, metavar="FG,BG",
                    help="the same for the box head's proposals (default 0.5,0.5)")
+    p.add_argument("--train-peak-proposals", action="store_true",
+                   help="also give the box head the inference-time peak and contrast-peak boxes in training "
+                        "(the --init-from model's counts)")
     p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
                    help="RPN proposals the saved model keeps at inference, before/after NMS (training unaffected)")
     p.add_argument("--scene-shape", default=None, metavar="NY,NX",
@@ -267,7 +270,8 @@ def main():
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       max_minutes=args.max_minutes or None, box_batch_size_per_image=args.box_batch_size,
                       rpn_fg_iou_thresh=rpn_iou[0], rpn_bg_iou_thresh=rpn_iou[1],
-                      box_fg_iou_thresh=box_iou[0], box_bg_iou_thresh=box_iou[1])
+                      box_fg_iou_thresh=box_iou[0], box_bg_iou_thresh=box_iou[1],
+                      peak_proposals=args.train_peak_proposals)
     result = train_mask_rcnn(model, train, val_examples=val, config=cfg,
                              checkpoint_dir=args.checkpoints, resume=not args.no_resume,
                              device=args.device)

@@ -503,6 +503,10 @@ def test_peak_proposals_reach_the_box_head_at_inference_only(tmp_path):
         trained = loaded.rpn(images, features, targets)[0][0]
         set_peak_proposals(loaded, 0)
         assert torch.equal(trained, loaded.rpn(images, features, targets)[0][0])  # no peak boxes in training
+        set_peak_proposals(loaded, 5)
+        loaded.rpn.train_peak_proposals = True  # ...unless asked for (TrainConfig.peak_proposals)
+        asked = loaded.rpn(images, features, targets)[0][0]
+    assert len(asked) == len(trained) + 2 * 2 and torch.equal(asked[: len(trained)], trained)
     with pytest.raises(ValueError, match="max_peaks"):
         set_peak_proposals(loaded, -1)
 

@@ -142,6 +142,25 @@ def test_short_training_run_checkpoints_and_resumes(examples, tmp_path):
     assert again["steps"] == 4 and len(again["history"]) == len(result["history"])
 
 
+def test_training_with_peak_proposals_needs_them_and_switches_them_off_after(examples, tmp_path):
+    from deblend.models import set_peak_proposals
+
+    cfg = TrainConfig(steps=2, batch_size=2, log_every=1, warmup_steps=1, peak_proposals=True)
+    with pytest.raises(ValueError, match="set_peak_proposals"):
+        train_mask_rcnn(build_mask_rcnn(seed=0), examples, config=cfg)
+    model = set_peak_proposals(build_mask_rcnn(seed=0), 20, max_contrast_peaks=20)
+    seen = []
+    original = model.roi_heads.select_training_samples
+
+    def spy(proposals, targets):  # what the box head is trained on
+        seen.append(model.rpn.train_peak_proposals)
+        return original(proposals, targets)
+
+    model.roi_heads.select_training_samples = spy
+    result = train_mask_rcnn(model, examples, config=cfg, checkpoint_dir=tmp_path)
+    assert result["steps"] == 2 and seen == [True, True] and not model.rpn.train_peak_proposals
+
+
 def test_compute_losses_leaves_batchnorm_statistics_alone(examples):
     model = build_mask_rcnn(seed=0).eval()
     before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}

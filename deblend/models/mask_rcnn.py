@@ -844,10 +844,14 @@ class _PeakProposalRPN(RegionProposalNetwork):
 
     peak_proposals = 0
     contrast_peak_proposals = 0
+    #: Also give the box head the peak boxes in training (`deblend.training.TrainConfig.peak_proposals`),
+    #: so it learns to score the candidates it meets at inference.
+    train_peak_proposals = False
 
     def forward(self, images, features, targets=None):
         boxes, losses = super().forward(images, features, targets)
-        if self.training or not (self.peak_proposals or self.contrast_peak_proposals):
+        wanted = self.train_peak_proposals if self.training else True
+        if not wanted or not (self.peak_proposals or self.contrast_peak_proposals):
             return boxes, losses
         extra = peak_boxes(images.tensors[:, 0], images.image_sizes, max_peaks=self.peak_proposals,
                            max_contrast_peaks=self.contrast_peak_proposals, threshold=PEAK_THRESHOLD,
