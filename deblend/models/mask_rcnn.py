@@ -840,6 +840,7 @@ class _PeakProposalRPN(RegionProposalNetwork):
 
     ``peak_proposals`` and ``contrast_peak_proposals`` are `peak_boxes`'
     ``max_peaks`` and ``max_contrast_peaks``; with both 0 it is torchvision's RPN.
+    In training the peak boxes are added only when ``train_peak_proposals`` is set.
     """
 
     peak_proposals = 0
@@ -850,8 +851,8 @@ class _PeakProposalRPN(RegionProposalNetwork):
 
     def forward(self, images, features, targets=None):
         boxes, losses = super().forward(images, features, targets)
-        wanted = self.train_peak_proposals if self.training else True
-        if not wanted or not (self.peak_proposals or self.contrast_peak_proposals):
+        if (self.training and not self.train_peak_proposals) or not (self.peak_proposals
+                                                                     or self.contrast_peak_proposals):
             return boxes, losses
         extra = peak_boxes(images.tensors[:, 0], images.image_sizes, max_peaks=self.peak_proposals,
                            max_contrast_peaks=self.contrast_peak_proposals, threshold=PEAK_THRESHOLD,
