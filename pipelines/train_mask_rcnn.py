@@ -28,9 +28,9 @@ stage 10 trains stage 9 again with the same recipe on 4000 new scenes (seed 8; 6
 The shipped file is stage 10 with peak and contrast-peak proposals at inference, written by
 ``pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100
 --contrast-peak-proposals 100`` (see the README for the rules). ("Stage 5", a box head retrained
-with 256 proposals per image, stage 11, stage 10 trained again on seed 10, and stage 12p, the
-shipped file trained again on seed 11 with ``--train-peak-proposals``, and stage 13p, stage 12p
-trained again on seed 12, were tried and not shipped.)
+with 256 proposals per image; stage 11, stage 10 trained again on seed 10; stage 12p, the shipped
+file trained again on seed 11 with ``--train-peak-proposals``; and stage 13p, stage 12p trained again
+on seed 12, were tried and not shipped.)
 The validation scenes (seed 1) are white-noise scenes throughout.
 
 Usage (from the repository root; ``make train-mask-rcnn`` runs the nine stages):
