@@ -45,7 +45,8 @@ from deblend.models.mask_rcnn import CLASS_NAMES, paste_mask_crops
 from deblend.models.precision import autocast, check_half
 from deblend.tiling import has_signal, iter_batches, make_windows, split_window
 
-__all__ = ["Instances", "detect", "crowded_limit", "suppress_duplicates", "instances_to_labels"]
+__all__ = ["Instances", "detect", "crowded_limit", "suppress_duplicates", "check_companion_options",
+           "instances_to_labels", "COMPANION_DISTANCE", "COMPANION_SCORE"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ CROWDED_FRACTION = 0.5
 MIN_SPLIT_SIZE = 64
 #: Default minimum ``det_score`` of a detection (one pass).
 SCORE_THRESHOLD = 0.5
+#: Default least centre distance (pixels) of a companion that the mask NMS keeps (`suppress_duplicates`).
+COMPANION_DISTANCE = 3.0
+#: Least ``det_score`` of such a companion.
+COMPANION_SCORE = 0.8
 
 
 @dataclass
@@ -582,16 +587,26 @@ def _run_windows(windows, *, model, forward, image, bad, batch_size, device, hal
     return out
 
 
-def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5):
+def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5, companion_distance=0.0,
+                        companion_score=COMPANION_SCORE):
     """Drop instances whose mask is mostly covered by higher-scoring instances (mask NMS).
 
     Box NMS keeps two detections of one source when their boxes differ
     enough; their masks still coincide. Going down in ``det_score``, an
     instance is dropped when more than ``max_overlap`` of its mask
     (soft value ≥ ``mask_threshold``) lies on pixels already claimed by the
-    instances kept so far. Close companions survive: the network's masks
-    follow the truth convention, in which each pixel has one owner, so real
-    neighbours overlap little.
+    instances kept so far. Close companions mostly survive: the network's
+    masks follow the truth convention, in which each pixel has one owner, so
+    real neighbours overlap little.
+
+    Not always: a faint companion on a bright neighbour's wing is often
+    covered by the neighbour's mask. With ``companion_distance > 0`` such an
+    instance is kept as a *companion* when its ``det_score`` is at least
+    ``companion_score`` and its centre is at least ``companion_distance``
+    pixels from the centres of all the kept instances whose pixels it
+    overlaps; a duplicate of one source sits on that source's centre. A
+    companion claims only the pixels no one claimed before it; which
+    instance owns each pixel in the end is `instances_to_labels`' choice.
 
     Parameters
     ----------
@@ -601,6 +616,12 @@ def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5
     max_overlap : float, optional
         In (0, 1]; 1 keeps everything.
     mask_threshold : float, optional
+    companion_distance : float, optional
+        Least centre distance (pixels) of a companion from the instances
+        covering it; 0 (default) keeps no companions. `COMPANION_DISTANCE`
+        is the pipeline's default.
+    companion_score : float, optional
+        Least ``det_score`` of a companion, in [0, 1].
 
     Returns
     -------
@@ -609,8 +630,9 @@ def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5
     """
     if not 0 < max_overlap <= 1:
         raise ValueError(f"max_overlap must be in (0, 1], got {max_overlap!r}; e.g. 0.5")
+    check_companion_options(companion_distance, companion_score)
     dims = tuple(int(n) for n in shape)
-    claimed = np.zeros(dims, dtype=bool)
+    owner = np.full(dims, -1, dtype=np.int64)  # the kept instance that claimed each pixel first
     order = np.argsort(-np.asarray(instances.det_score, dtype=np.float64), kind="stable")
     keep = np.zeros(len(instances), dtype=bool)
     for i in order:
@@ -619,12 +641,35 @@ def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5
         area = int(own.sum())
         if area == 0:
             continue
-        taken = claimed[region] & own
-        if taken.sum() > max_overlap * area:
+        sub = owner[region]
+        taken = own & (sub >= 0)
+        if taken.sum() > max_overlap * area and not _is_companion(instances, i, sub[taken], companion_distance,
+                                                                   companion_score):
             continue
         keep[i] = True
-        claimed[region] |= own
+        sub[own & (sub < 0)] = i
     return instances.select(np.flatnonzero(keep))
+
+
+def check_companion_options(companion_distance, companion_score):
+    """Validate `suppress_duplicates`' companion options; returns them as floats."""
+    if isinstance(companion_distance, bool) or not isinstance(companion_distance, Real) \
+            or not 0 <= companion_distance < np.inf:
+        raise ValueError(f"companion_distance must be a finite number of pixels >= 0 (0: no companions), got "
+                         f"{companion_distance!r}; e.g. {COMPANION_DISTANCE}")
+    if isinstance(companion_score, bool) or not isinstance(companion_score, Real) or not 0 <= companion_score <= 1:
+        raise ValueError(f"companion_score must be a detection score in [0, 1], got {companion_score!r}; "
+                         f"e.g. {COMPANION_SCORE}")
+    return float(companion_distance), float(companion_score)
+
+
+def _is_companion(instances, index, covering, distance, score):
+    """Whether instance ``index`` is far enough from the centres of the kept instances ``covering`` it."""
+    if distance <= 0 or instances.det_score[index] < score:
+        return False
+    others = np.unique(covering)
+    gaps = np.hypot(*(instances.centers[others] - instances.centers[index]).T)
+    return bool(gaps.min() >= distance)
 
 
 def instances_to_labels(instances, shape, *, mask_threshold=0.5, mask=None):

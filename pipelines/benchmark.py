@@ -432,7 +432,9 @@ def time_mask_rcnn(path, deblender, outdir, refine=None, trim=True):
                            overlap=opts["overlap"], batch_size=opts["batch_size"], device=dev,
                            score_threshold=opts["score_threshold"], half=getattr(deblender, "half", False))
     with stage(stages, "nms_labels", dev):
-        instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"])
+        instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"],
+                                        companion_distance=opts["companion_distance"],
+                                        companion_score=opts["companion_score"])
         labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)
         instances = instances.select(keep)
     if refine is not None and refine.get("mode") == "direct":
@@ -783,7 +785,9 @@ def _labels(normalized, prepared, model, opts, detect_kwargs):
     kwargs = {"window_size": opts["window_size"], "overlap": opts["overlap"], "batch_size": opts["batch_size"],
               "score_threshold": opts["score_threshold"], **detect_kwargs}
     instances = detect(normalized, model=model, mask=prepared.mask, **kwargs)
-    instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"])
+    instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"],
+                                    companion_distance=opts["companion_distance"],
+                                    companion_score=opts["companion_score"])
     labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)
     return labels, instances.select(keep)
 

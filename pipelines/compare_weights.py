@@ -13,12 +13,16 @@ scenes, and their difference (B - A) gets a 95 % interval from a paired bootstra
 does not explain. The 16 tuning scenes of tune_postprocessing.py are too few for that: a
 stage-8 candidate gained 0.005 blended recall there and 0.019 on the 200 benchmark scenes.
 
+The same file twice with different ``--options-a`` / ``--options-b`` (`Deblender` keyword arguments as
+JSON) compares post-processing settings of one network instead.
+
 Usage (from the repository root):
     .venv/bin/python pipelines/compare_weights.py A.pt B.pt [--n 100] [--noise-correlation S]
-        [--out FILE.md]
+        [--options-a JSON] [--options-b JSON] [--out FILE.md]
 """
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -104,13 +108,14 @@ def paired_bootstrap(counts_a, counts_b, *, n_boot=2000, seed=0):
     return out
 
 
-def score(weights, scenes):
+def score(weights, scenes, options=None):
     """Per-scene `evaluate_image` results of the default pipeline with ``weights``, and its seconds.
 
-    The seconds are the wall time of ``Deblender.run`` summed over the scenes (scoring excluded):
-    one run, so only a large difference between two files means anything.
+    ``options`` are further `Deblender` keyword arguments. The seconds are the wall time of
+    ``Deblender.run`` summed over the scenes (scoring excluded): one run, so only a large
+    difference between two files means anything.
     """
-    deblender = Deblender("mask-rcnn", weights=weights)
+    deblender = Deblender("mask-rcnn", weights=weights, **(options or {}))
     results, seconds = [], 0.0
     for scene, config in scenes:
         start = time.perf_counter()
@@ -145,8 +150,20 @@ def main():
     p.add_argument("--noise-correlation", type=float, default=0.0,
                    help="Gaussian sigma (pixels) of correlated noise in every scene (default: white)")
     p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--options-a", default="{}", metavar="JSON",
+                   help="Deblender keyword arguments for A, e.g. '{\"companion_distance\": 0}'")
+    p.add_argument("--options-b", default="{}", metavar="JSON", help="the same for B")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = p.parse_args()
+    options = []
+    for flag, text in (("--options-a", args.options_a), ("--options-b", args.options_b)):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            p.error(f"{flag} must be a JSON object of Deblender keyword arguments, got {text!r} ({error})")
+        if not isinstance(value, dict):
+            p.error(f"{flag} must be a JSON object, e.g. '{{\"score_threshold\": 0.45}}', got {text!r}")
+        options.append(value)
     if args.n < 2:
         p.error(f"--n must be at least 2 (a bootstrap over scenes needs several), got {args.n}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -155,9 +172,11 @@ def main():
         config, sim_seed = scene_config(args.seed, i, (192, 256), args.noise_correlation)
         scenes.append((simulate_scene(config, seed=sim_seed, keep_sources=False), config))
     log.info("simulated %d selection scenes", len(scenes))
-    scored = [score(w, scenes) for w in (args.weights_a, args.weights_b)]
+    scored = [score(w, scenes, o) for w, o in zip((args.weights_a, args.weights_b), options, strict=True)]
     comparison = paired_bootstrap(*(counts_matrix(results) for results, _ in scored), n_boot=args.n_boot)
-    lines = report(comparison, names=[Path(w).name for w in (args.weights_a, args.weights_b)],
+    names = [Path(w).name + (f" {json.dumps(o)}" if o else "")
+             for w, o in zip((args.weights_a, args.weights_b), options, strict=True)]
+    lines = report(comparison, names=names,
                    n_scenes=args.n, seed=args.seed, noise_correlation=args.noise_correlation,
                    seconds=[seconds for _, seconds in scored])
     print("\n".join(lines))

@@ -68,3 +68,12 @@ def test_mismatched_scene_sets_are_refused(cw):
     a = cw.counts_matrix([_scene(5, 1, 2, 1, 2, 3.5)])
     with pytest.raises(ValueError, match="same non-empty"):
         cw.paired_bootstrap(a, np.vstack([a, a]))
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_options_must_be_a_json_object(cw, monkeypatch, capsys, text):
+    monkeypatch.setattr("sys.argv", ["compare_weights.py", "a.pt", "b.pt", "--options-b", text])
+    with pytest.raises(SystemExit) as exit_info:
+        cw.main()
+    assert exit_info.value.code == 2
+    assert "--options-b must be a JSON object" in capsys.readouterr().err

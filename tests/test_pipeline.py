@@ -376,10 +376,13 @@ def test_settings_are_written_into_the_outputs(untrained_weights, tmp_path):
     tta = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16, refine=False, tta=True)
     result = tta.run(image)
     assert {k: v for k, (v, _) in result.settings.items()} == {
-        "DBREFINE": False, "DBSCORE": 0.4, "DBTTA": True, "DBCOARSE": False, "DBWINDOW": 64}
-    paths = result.write(tmp_path, stem="noise")
+        "DBREFINE": False, "DBSCORE": 0.4, "DBCOMPD": 0.0, "DBTTA": True, "DBCOARSE": False, "DBWINDOW": 64}
+    companions = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16, refine=False,
+                           tta=True, companion_distance=2.5)
+    paths = companions.run(image).write(tmp_path, stem="noise")
     header = fits.getheader(paths["segmentation"])
     assert header["DBTTA"] is True and header["DBSCORE"] == 0.4 and header["DBWINDOW"] == 64
+    assert header["DBCOMPD"] == 2.5
     assert header.comments["DBTTA"].startswith("test-time augmentation")
     meta = read_catalog(paths["catalog"]).meta
     assert meta["DBTTA"] is True and meta["DBREFINE"] is False

@@ -463,6 +463,47 @@ def test_suppress_duplicates_drops_a_second_detection_of_one_source():
         suppress_duplicates(inst, (10, 10), max_overlap=0.0)
 
 
+def _wing_and_companion(companion_score):
+    """A bright source's wide mask (det_score 0.95) and a faint source inside it, 5 px from its centre."""
+    wing = np.zeros((20, 20), np.float32)
+    wing[2:18, 2:18] = 0.9  # centre (9.5, 9.5)
+    companion = np.zeros((20, 20), np.float32)
+    companion[8:12, 13:17] = 0.9  # centre (14.5, 9.5): 5 px away, wholly on the wing's mask
+    duplicate = np.zeros((20, 20), np.float32)
+    duplicate[3:17, 3:17] = 0.9  # centre (9.5, 9.5): the bright source again
+    return _instances([wing, companion, duplicate], [(0, 0)] * 3, [0.95, companion_score, 0.9])
+
+
+def test_suppress_duplicates_keeps_a_far_confident_companion_only():
+    from deblend.segment import suppress_duplicates
+
+    inst = _wing_and_companion(0.85)
+    # off by default: the companion lies wholly on the wing's pixels, so it goes
+    assert np.allclose(suppress_duplicates(inst, (20, 20)).det_score, [0.95])
+    # kept when 5 px >= companion_distance and its score >= companion_score; the duplicate never is
+    kept = suppress_duplicates(inst, (20, 20), companion_distance=3.0, companion_score=0.8)
+    assert np.allclose(kept.det_score, [0.95, 0.85])
+    assert len(suppress_duplicates(inst, (20, 20), companion_distance=5.5, companion_score=0.8)) == 1
+    assert len(suppress_duplicates(inst, (20, 20), companion_distance=3.0, companion_score=0.9)) == 1
+    assert len(suppress_duplicates(_wing_and_companion(0.79), (20, 20), companion_distance=3.0,
+                                   companion_score=0.8)) == 1
+    # the companion then owns the pixels where its soft mask is the higher one
+    brighter = _wing_and_companion(0.85)
+    brighter.masks[1][8:12, 13:17] = 0.95
+    labels, keep = instances_to_labels(suppress_duplicates(brighter, (20, 20), companion_distance=3.0), (20, 20))
+    assert labels.max() == 2 and (labels[8:12, 13:17] == 2).all()
+
+
+@pytest.mark.parametrize(("distance", "score", "match"), [
+    (-1.0, 0.8, "companion_distance"), (np.inf, 0.8, "companion_distance"), (True, 0.8, "companion_distance"),
+    ("3", 0.8, "companion_distance"), (3.0, 1.5, "companion_score"), (3.0, None, "companion_score")])
+def test_suppress_duplicates_refuses_bad_companion_options(distance, score, match):
+    from deblend.segment import suppress_duplicates
+
+    with pytest.raises(ValueError, match=match):
+        suppress_duplicates(_wing_and_companion(0.85), (20, 20), companion_distance=distance, companion_score=score)
+
+
 def test_bucketed_heads_see_padded_batches_and_give_unpadded_results():
     """Box and mask heads run on region counts rounded up to ROI_BUCKET; the padding never shows."""
     torch.manual_seed(0)
