@@ -91,14 +91,15 @@ class Deblender:
         Mask non-maximum suppression: an instance is dropped when more than
         this fraction of its mask is claimed by higher-scoring instances
         (see `deblend.segment.suppress_duplicates`); 1 disables it.
-    companion_distance, companion_score : float, optional
+    companion_distance : float, optional
         The mask NMS keeps an instance it would drop as a duplicate when its
-        ``det_score`` is at least ``companion_score`` and its centre is at
-        least ``companion_distance`` pixels from the centres of the instances
-        covering it: a faint companion on a brighter neighbour's wing, not a
-        second detection of the neighbour. ``companion_distance=0`` turns
-        this off. Defaults: `deblend.segment.COMPANION_DISTANCE` and
-        `deblend.segment.COMPANION_SCORE`.
+        centre is at least this many pixels from the centres of the
+        instances covering it, its ``det_score`` is at least
+        `deblend.segment.COMPANION_SCORE` and the image has a bump of its
+        own there (`deblend.segment.local_contrast` at least
+        `deblend.segment.COMPANION_CONTRAST`): a faint companion on a
+        brighter neighbour's wing, not a second detection of the neighbour.
+        0 turns this off.
     split_crowded : bool, optional
         Run crowded windows again as windows of half the size, each with the
         network's whole budget of region proposals (see
@@ -145,7 +146,7 @@ class Deblender:
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
                  device="cpu", half=False, weights=None, batch_size=4, window_size=256, overlap=48,
                  score_threshold=None, max_overlap=0.5, companion_distance=0.0,
-                 companion_score=None, split_crowded=True, coarse_pass=False, tta=False,
+                 split_crowded=True, coarse_pass=False, tta=False,
                  refine=None, n_samples=16,
                  refine_weights=None, save_samples=False, seg_err_scale=None, claim_threshold=None):
         if method not in METHODS:
@@ -196,11 +197,10 @@ class Deblender:
             make_windows((window_size, window_size), size=window_size, overlap=overlap)  # validates both
             from deblend.segment import COMPANION_SCORE, check_companion_options
 
-            companion_distance, companion_score = check_companion_options(
-                companion_distance, COMPANION_SCORE if companion_score is None else companion_score)
+            companion_distance, _ = check_companion_options(companion_distance, COMPANION_SCORE)
             options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
                            score_threshold=score_threshold, max_overlap=max_overlap,
-                           companion_distance=companion_distance, companion_score=companion_score,
+                           companion_distance=companion_distance,
                            split_crowded=bool(split_crowded), coarse_pass=bool(coarse_pass), tta=bool(tta))
             self._load_model(weights)
         self.seg_err_scale = self.claim_threshold = None
@@ -342,7 +342,6 @@ class Deblender:
                                   tta=opts["tta"], **common)
             instances = merge_coarse(instances, large, normalized.shape)
         instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"],
-                                        companion_distance=opts["companion_distance"],
-                                        companion_score=opts["companion_score"])
+                                        companion_distance=opts["companion_distance"], image=normalized)
         labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)
         return labels, instances.select(keep)

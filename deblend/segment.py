@@ -37,6 +37,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.ops import boxes as box_ops
 from tqdm.auto import tqdm
@@ -46,7 +47,8 @@ from deblend.models.precision import autocast, check_half
 from deblend.tiling import has_signal, iter_batches, make_windows, split_window
 
 __all__ = ["Instances", "detect", "crowded_limit", "suppress_duplicates", "check_companion_options",
-           "instances_to_labels", "COMPANION_DISTANCE", "COMPANION_SCORE"]
+           "local_contrast", "instances_to_labels", "COMPANION_DISTANCE", "COMPANION_SCORE",
+           "COMPANION_CONTRAST"]
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,10 @@ MIN_SPLIT_SIZE = 64
 SCORE_THRESHOLD = 0.5
 #: Default least centre distance (pixels) of a companion that the mask NMS keeps (`suppress_duplicates`).
 COMPANION_DISTANCE = 3.0
-#: Least ``det_score`` of such a companion.
+#: Least ``det_score`` of such a companion...
 COMPANION_SCORE = 0.8
+#: ...and least `local_contrast` (robust sigma) within a pixel of its centre.
+COMPANION_CONTRAST = 2.0
 
 
 @dataclass
@@ -588,7 +592,7 @@ def _run_windows(windows, *, model, forward, image, bad, batch_size, device, hal
 
 
 def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5, companion_distance=0.0,
-                        companion_score=COMPANION_SCORE):
+                        companion_score=COMPANION_SCORE, image=None, companion_contrast=COMPANION_CONTRAST):
     """Drop instances whose mask is mostly covered by higher-scoring instances (mask NMS).
 
     Box NMS keeps two detections of one source when their boxes differ
@@ -602,11 +606,14 @@ def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5
     Not always: a faint companion on a bright neighbour's wing is often
     covered by the neighbour's mask. With ``companion_distance > 0`` such an
     instance is kept as a *companion* when its ``det_score`` is at least
-    ``companion_score`` and its centre is at least ``companion_distance``
+    ``companion_score``, its centre is at least ``companion_distance``
     pixels from the centres of all the kept instances whose pixels it
-    overlaps; a duplicate of one source sits on that source's centre. A
-    companion claims only the pixels no one claimed before it; which
-    instance owns each pixel in the end is `instances_to_labels`' choice.
+    overlaps (a duplicate of one source sits on that source's centre), and,
+    when the ``image`` is given, the image shows a bump of its own there: a
+    `local_contrast` of at least ``companion_contrast`` within a pixel of
+    its centre. A companion claims only the pixels no one claimed
+    before it; which instance owns each pixel in the end is
+    `instances_to_labels`' choice.
 
     Parameters
     ----------
@@ -622,6 +629,11 @@ def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5
         is the pipeline's default.
     companion_score : float, optional
         Least ``det_score`` of a companion, in [0, 1].
+    image : ndarray, shape (ny, nx), optional
+        The normalised image the instances were found on, for the contrast
+        condition; None: no contrast condition.
+    companion_contrast : float, optional
+        Least contrast near a companion's centre, in robust sigma.
 
     Returns
     -------
@@ -632,6 +644,10 @@ def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5
         raise ValueError(f"max_overlap must be in (0, 1], got {max_overlap!r}; e.g. 0.5")
     check_companion_options(companion_distance, companion_score)
     dims = tuple(int(n) for n in shape)
+    if image is not None and np.shape(image) != dims:
+        raise ValueError(f"image must have the shape {dims} given, got shape {np.shape(image)}")
+    companion = {"distance": companion_distance, "score": companion_score, "least_contrast": companion_contrast,
+                 "contrast": _LazyContrast(image)}
     owner = np.full(dims, -1, dtype=np.int64)  # the kept instance that claimed each pixel first
     order = np.argsort(-np.asarray(instances.det_score, dtype=np.float64), kind="stable")
     keep = np.zeros(len(instances), dtype=bool)
@@ -643,8 +659,7 @@ def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5
             continue
         sub = owner[region]
         taken = own & (sub >= 0)
-        if taken.sum() > max_overlap * area and not _is_companion(instances, i, sub[taken], companion_distance,
-                                                                   companion_score):
+        if taken.sum() > max_overlap * area and not _is_companion(instances, i, sub[taken], **companion):
             continue
         keep[i] = True
         sub[own & (sub < 0)] = i
@@ -663,13 +678,60 @@ def check_companion_options(companion_distance, companion_score):
     return float(companion_distance), float(companion_score)
 
 
-def _is_companion(instances, index, covering, distance, score):
-    """Whether instance ``index`` is far enough from the centres of the kept instances ``covering`` it."""
+def _is_companion(instances, index, covering, *, distance, score, contrast, least_contrast):
+    """Whether instance ``index`` passes `suppress_duplicates`' companion test against the kept ``covering``."""
     if distance <= 0 or instances.det_score[index] < score:
         return False
     others = np.unique(covering)
-    gaps = np.hypot(*(instances.centers[others] - instances.centers[index]).T)
-    return bool(gaps.min() >= distance)
+    if np.hypot(*(instances.centers[others] - instances.centers[index]).T).min() < distance:
+        return False
+    if contrast.image is None:
+        return True
+    x, y = (int(np.floor(v + 0.5)) for v in instances.centers[index])
+    near = contrast.map[max(y - 1, 0):max(y + 2, 0), max(x - 1, 0):max(x + 2, 0)]
+    return bool(near.size and near.max() >= least_contrast)
+
+
+class _LazyContrast:
+    """`local_contrast` of ``image``, computed when first asked for (most images need none)."""
+
+    def __init__(self, image):
+        self.image = image
+        self._map = None
+
+    @property
+    def map(self):
+        if self._map is None:
+            self._map = local_contrast(self.image)
+        return self._map
+
+
+def local_contrast(normalized):
+    """How much each pixel stands above its surroundings, in robust standard deviations.
+
+    The image smoothed by a 3x3 mean, minus the 5x5 running mean of that,
+    divided by the robust standard deviation (1.4826 MAD) of the result over
+    the finite pixels: a faint companion on a brighter neighbour's slope is a
+    positive bump, the smooth wing itself is about 0. The same contrast finds
+    the contrast-peak proposals of `deblend.models.peak_boxes`.
+
+    Parameters
+    ----------
+    normalized : ndarray, shape (ny, nx)
+        The normalised detection image (`deblend.preprocess.Prepared.normalized`);
+        non-finite pixels count as 0.
+
+    Returns
+    -------
+    ndarray of float32, shape (ny, nx)
+    """
+    image = np.nan_to_num(np.asarray(normalized, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if image.ndim != 2:
+        raise ValueError(f"normalized must be a 2-D image, got shape {image.shape}")
+    smooth = ndimage.uniform_filter(image, 3, mode="nearest")
+    bump = smooth - ndimage.uniform_filter(smooth, 5, mode="nearest")
+    sigma = 1.4826 * np.median(np.abs(bump - np.median(bump)))
+    return (bump / sigma if sigma > 0 else np.zeros_like(bump)).astype(np.float32)
 
 
 def instances_to_labels(instances, shape, *, mask_threshold=0.5, mask=None):

@@ -434,7 +434,7 @@ def time_mask_rcnn(path, deblender, outdir, refine=None, trim=True):
     with stage(stages, "nms_labels", dev):
         instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"],
                                         companion_distance=opts["companion_distance"],
-                                        companion_score=opts["companion_score"])
+                                        image=normalized)
         labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)
         instances = instances.select(keep)
     if refine is not None and refine.get("mode") == "direct":
@@ -787,7 +787,7 @@ def _labels(normalized, prepared, model, opts, detect_kwargs):
     instances = detect(normalized, model=model, mask=prepared.mask, **kwargs)
     instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"],
                                     companion_distance=opts["companion_distance"],
-                                    companion_score=opts["companion_score"])
+                                    image=normalized)
     labels, keep = instances_to_labels(instances, normalized.shape, mask=prepared.mask)
     return labels, instances.select(keep)
 

@@ -494,6 +494,41 @@ def test_suppress_duplicates_keeps_a_far_confident_companion_only():
     assert labels.max() == 2 and (labels[8:12, 13:17] == 2).all()
 
 
+def test_companion_needs_a_bump_of_its_own_in_the_image_when_given():
+    from deblend.segment import local_contrast, suppress_duplicates
+
+    yy, xx = np.mgrid[0:20, 0:20]
+    wing = np.exp(-((xx - 9.5) ** 2 + (yy - 9.5) ** 2) / 40.0) * 5  # the bright source, smooth
+    noise = np.random.default_rng(3).normal(0, 0.05, (20, 20))
+    bump = 1.5 * np.exp(-((xx - 14.5) ** 2 + (yy - 9.5) ** 2) / 2.0)  # a companion where the instance says
+    inst = _wing_and_companion(0.85)
+    assert local_contrast(wing + noise + bump)[9:11, 14:16].max() >= 2.0
+    kept = suppress_duplicates(inst, (20, 20), companion_distance=3.0, image=wing + noise + bump)
+    assert np.allclose(kept.det_score, [0.95, 0.85])
+    # on the smooth wing alone the same instance is a duplicate
+    assert local_contrast(wing + noise)[9:11, 14:16].max() < 2.0
+    assert len(suppress_duplicates(inst, (20, 20), companion_distance=3.0, image=wing + noise)) == 1
+    with pytest.raises(ValueError, match="shape"):
+        suppress_duplicates(inst, (20, 20), companion_distance=3.0, image=wing[:10])
+
+
+def test_local_contrast_ignores_gradients_and_is_in_robust_sigma():
+    from deblend.segment import local_contrast
+
+    noise = np.random.default_rng(0).normal(0, 7.0, (200, 200))
+    out = local_contrast(noise)
+    assert out.dtype == np.float32 and out.shape == noise.shape
+    assert 1.4826 * np.median(np.abs(out - np.median(out))) == pytest.approx(1.0, abs=1e-6)
+    yy, xx = np.mgrid[0:200, 0:200]
+    ramp = local_contrast(noise + 0.5 * xx + 0.2 * yy + 3)  # a sky gradient adds no bumps
+    np.testing.assert_allclose(ramp[3:-3, 3:-3], out[3:-3, 3:-3], rtol=2e-3, atol=1e-3)
+    noise[5, 5] = np.nan  # non-finite pixels count as 0
+    assert np.isfinite(local_contrast(noise)).all()
+    assert (local_contrast(np.zeros((8, 8))) == 0).all()
+    with pytest.raises(ValueError, match="2-D"):
+        local_contrast(np.zeros((2, 8, 8)))
+
+
 @pytest.mark.parametrize(("distance", "score", "match"), [
     (-1.0, 0.8, "companion_distance"), (np.inf, 0.8, "companion_distance"), (True, 0.8, "companion_distance"),
     ("3", 0.8, "companion_distance"), (3.0, 1.5, "companion_score"), (3.0, None, "companion_score")])
