@@ -167,6 +167,8 @@ def main():
                    help="Mask R-CNN with the 2x2-binned pass for large sources (deblend.coarse)")
     p.add_argument("--tta", action="store_true",
                    help="Mask R-CNN with test-time augmentation (deblend.tta)")
+    p.add_argument("--companion-distance", type=float, default=None, metavar="PIX",
+                   help="Deblender companion_distance of the mask NMS (default: the pipeline's; 0: off)")
     p.add_argument("--workdir", default="runs/benchmark_generalisation")
     p.add_argument("--results", default=str(ROOT / "pipelines" / "results"))
     p.add_argument("--figure", default=str(ROOT / "docs" / "generalisation.png"))
@@ -182,6 +184,8 @@ def main():
         options["coarse_pass"] = True
     if args.tta:
         options["tta"] = True
+    if args.companion_distance is not None:
+        options["companion_distance"] = args.companion_distance
     rows = []
     for index, condition in enumerate(CONDITIONS):
         if condition.key not in args.conditions:
@@ -202,6 +206,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     payload = {"n_per_condition": args.n, "seed": args.seed, "shape": list(SHAPE), "weights": args.weights or "shipped",
                "split_crowded": args.split_crowded, "coarse_pass": args.coarse_pass, "tta": args.tta,
+               "companion_distance": args.companion_distance,
                "methods": args.methods, "conditions": rows}
     (out / "generalisation.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
     lines = markdown(rows, args.methods, args.n)
