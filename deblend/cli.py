@@ -74,6 +74,10 @@ def _add_run(sub):
     n.add_argument("--weights", default=None, help="weights name or .pt file (default: the shipped model)")
     n.add_argument("--score-threshold", type=float, default=None,
                    help="minimum detection score (default 0.5; with --tta, 0.4 on the fused score)")
+    n.add_argument("--companion-distance", type=float, default=None, metavar="PIX",
+                   help="the mask NMS keeps a detection covered by a brighter one's mask as a companion when "
+                        "its centre is this far from the brighter one's and the image has a bump there "
+                        "(default: the pipeline's; 0: off)")
     n.add_argument("--window-size", type=int, default=256, help="network window in pixels (default 256)")
     n.add_argument("--overlap", type=int, default=48, help="overlap of windows in pixels (default 48)")
     n.add_argument("--no-split-crowded", dest="split_crowded", action="store_false",
@@ -183,7 +187,8 @@ def _cmd_run(args):
                               deblend_nthresh=args.deblend_nthresh, deblend_cont=args.deblend_cont,
                               device=args.device, half=args.half, batch_size=args.batch_size,
                               weights=args.weights,
-                              score_threshold=args.score_threshold, window_size=args.window_size,
+                              score_threshold=args.score_threshold, companion_distance=args.companion_distance,
+                              window_size=args.window_size,
                               overlap=args.overlap, split_crowded=args.split_crowded, coarse_pass=args.coarse_pass,
                               tta=args.tta,
                               refine=args.refine, n_samples=args.samples,

@@ -99,7 +99,8 @@ class Deblender:
         own there (`deblend.segment.local_contrast` at least
         `deblend.segment.COMPANION_CONTRAST`): a faint companion on a
         brighter neighbour's wing, not a second detection of the neighbour.
-        0 turns this off.
+        0 turns this off. Default: `deblend.segment.COMPANION_DISTANCE`
+        (3 pixels; shipped by rule 18, see the README).
     split_crowded : bool, optional
         Run crowded windows again as windows of half the size, each with the
         network's whole budget of region proposals (see
@@ -145,7 +146,7 @@ class Deblender:
     def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
                  device="cpu", half=False, weights=None, batch_size=4, window_size=256, overlap=48,
-                 score_threshold=None, max_overlap=0.5, companion_distance=0.0,
+                 score_threshold=None, max_overlap=0.5, companion_distance=None,
                  split_crowded=True, coarse_pass=False, tta=False,
                  refine=None, n_samples=16,
                  refine_weights=None, save_samples=False, seg_err_scale=None, claim_threshold=None):
@@ -195,8 +196,10 @@ class Deblender:
             if int(batch_size) != batch_size or batch_size < 1:
                 raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
             make_windows((window_size, window_size), size=window_size, overlap=overlap)  # validates both
-            from deblend.segment import COMPANION_SCORE, check_companion_options
+            from deblend.segment import COMPANION_DISTANCE, COMPANION_SCORE, check_companion_options
 
+            if companion_distance is None:
+                companion_distance = COMPANION_DISTANCE
             companion_distance, _ = check_companion_options(companion_distance, COMPANION_SCORE)
             options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
                            score_threshold=score_threshold, max_overlap=max_overlap,

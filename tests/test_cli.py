@@ -393,6 +393,15 @@ def test_tta_flag():
     assert build_parser().parse_args(["run", "x.fits", "-o", "o", "--tta"]).tta is True
 
 
+def test_companion_distance_flag(scene_file, tmp_path, caplog):
+    assert build_parser().parse_args(["run", "x.fits", "-o", "o"]).companion_distance is None  # the pipeline's
+    args = build_parser().parse_args(["run", "x.fits", "-o", "o", "--companion-distance", "0"])
+    assert args.companion_distance == 0.0
+    argv = ["run", "--no-refine", "--companion-distance", "-1", str(scene_file), "-o", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "companion_distance must be a finite number of pixels >= 0" in caplog.text
+
+
 def test_no_split_crowded_flag():
     assert build_parser().parse_args(["run", "x.fits", "-o", "o"]).split_crowded is True
     assert build_parser().parse_args(["run", "x.fits", "-o", "o", "--no-split-crowded"]).split_crowded is False

@@ -376,7 +376,7 @@ def test_settings_are_written_into_the_outputs(untrained_weights, tmp_path):
     tta = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16, refine=False, tta=True)
     result = tta.run(image)
     assert {k: v for k, (v, _) in result.settings.items()} == {
-        "DBREFINE": False, "DBSCORE": 0.4, "DBCOMPD": 0.0, "DBTTA": True, "DBCOARSE": False, "DBWINDOW": 64}
+        "DBREFINE": False, "DBSCORE": 0.4, "DBCOMPD": 3.0, "DBTTA": True, "DBCOARSE": False, "DBWINDOW": 64}
     companions = Deblender("mask-rcnn", weights=untrained_weights, window_size=64, overlap=16, refine=False,
                            tta=True, companion_distance=2.5)
     paths = companions.run(image).write(tmp_path, stem="noise")
