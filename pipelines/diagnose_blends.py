@@ -15,7 +15,8 @@ pass (no refinement) finds it, and, for those it misses, where it was lost:
   - box score: some proposal did, but the box head scored every candidate there below the
     threshold;
 
-- mask NMS: one had, but `deblend.segment.suppress_duplicates` removed it;
+- mask NMS: one had, but `deblend.segment.suppress_duplicates` removed it (as the pipeline runs it,
+  companions kept);
 - label map: it survived the NMS, but `instances_to_labels` left it no pixel;
 - matched elsewhere: it is in the label map, but the one-to-one matching gave it to a
   neighbouring truth source (the two were merged into one detection);
@@ -50,7 +51,7 @@ from deblend.evaluate import match_sources
 from deblend.io import Image
 from deblend.models.registry import DEFAULT_MASK_RCNN, load_mask_rcnn
 from deblend.preprocess import prepare
-from deblend.segment import detect, instances_to_labels, suppress_duplicates
+from deblend.segment import COMPANION_DISTANCE, detect, instances_to_labels, suppress_duplicates
 from deblend.simulate import simulate_scene
 from deblend.tta import TTA_SCORE_THRESHOLD, detect_tta
 
@@ -117,7 +118,7 @@ def _without_box_nms(model):
         heads.nms_thresh, heads.detections_per_img = saved
 
 
-def diagnose_scene(scene, fwhm, model, *, tta=False, max_overlap=0.5):
+def diagnose_scene(scene, fwhm, model, *, tta=False, max_overlap=0.5, companion_distance=COMPANION_DISTANCE):
     """Per truth source: (blended, matched, snr, neighbour flux ratio, fate or '', IoU or nan,
     box-head score of its truth box)."""
     prepared = prepare(Image.from_array(scene.image))
@@ -137,7 +138,8 @@ def diagnose_scene(scene, fwhm, model, *, tta=False, max_overlap=0.5):
         with _without_box_nms(model):
             candidates = detect(normalized, model=model, mask=prepared.mask,
                                 score_threshold=SCORE_THRESHOLD)
-    kept = suppress_duplicates(found, shape, max_overlap=max_overlap)
+    kept = suppress_duplicates(found, shape, max_overlap=max_overlap, companion_distance=companion_distance,
+                               image=normalized)
     labels, keep = instances_to_labels(kept, shape, mask=prepared.mask)
     final = kept.select(keep)
     catalog = make_catalog(prepared.data, labels, detection=prepared.detection)
@@ -231,6 +233,8 @@ def main():
     p.add_argument("--n", type=int, default=200, help="scenes (default 200, the quality benchmark's)")
     p.add_argument("--seed", type=int, default=2000)
     p.add_argument("--tta", action="store_true", help="detect with test-time augmentation (deblend.tta)")
+    p.add_argument("--companion-distance", type=float, default=COMPANION_DISTANCE, metavar="PIX",
+                   help=f"the mask NMS's companion distance (default {COMPANION_DISTANCE}, the pipeline's; 0: off)")
     p.add_argument("--out", default=None, help="default: pipelines/results/diagnose_blends[_tta].md")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -239,7 +243,8 @@ def main():
     for i in range(args.n):
         config, sim_seed = scene_config(args.seed, i, (192, 256))
         scene = simulate_scene(config, seed=sim_seed, keep_sources=False)
-        rows += diagnose_scene(scene, config.psf_fwhm / config.pixel_scale, model, tta=args.tta)
+        rows += diagnose_scene(scene, config.psf_fwhm / config.pixel_scale, model, tta=args.tta,
+                               companion_distance=args.companion_distance)
     lines = report(rows, n_scenes=args.n, tta=args.tta)
     out = Path(args.out or ROOT / "pipelines" / "results" / f"diagnose_blends{'_tta' if args.tta else ''}.md")
     out.write_text("\n".join(lines) + "\n")
