@@ -712,8 +712,9 @@ def local_contrast(normalized):
     The image smoothed by a 3x3 mean, minus the 5x5 running mean of that,
     divided by the robust standard deviation (1.4826 MAD) of the result over
     the finite pixels: a faint companion on a brighter neighbour's slope is a
-    positive bump, the smooth wing itself is about 0. The same contrast finds
-    the contrast-peak proposals of `deblend.models.peak_boxes`.
+    positive bump, the smooth wing itself is about 0. The contrast-peak
+    proposals of `deblend.models.peak_boxes` are built the same way, per
+    window.
 
     Parameters
     ----------
@@ -725,12 +726,14 @@ def local_contrast(normalized):
     -------
     ndarray of float32, shape (ny, nx)
     """
-    image = np.nan_to_num(np.asarray(normalized, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    image = np.asarray(normalized, dtype=np.float64)
     if image.ndim != 2:
         raise ValueError(f"normalized must be a 2-D image, got shape {image.shape}")
-    smooth = ndimage.uniform_filter(image, 3, mode="nearest")
+    finite = np.isfinite(image)
+    smooth = ndimage.uniform_filter(np.where(finite, image, 0.0), 3, mode="nearest")
     bump = smooth - ndimage.uniform_filter(smooth, 5, mode="nearest")
-    sigma = 1.4826 * np.median(np.abs(bump - np.median(bump)))
+    values = bump[finite] if finite.any() else bump.ravel()
+    sigma = 1.4826 * np.median(np.abs(values - np.median(values)))
     return (bump / sigma if sigma > 0 else np.zeros_like(bump)).astype(np.float32)
 
 
