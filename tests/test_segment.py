@@ -524,6 +524,9 @@ def test_local_contrast_ignores_gradients_and_is_in_robust_sigma():
     np.testing.assert_allclose(ramp[3:-3, 3:-3], out[3:-3, 3:-3], rtol=2e-3, atol=1e-3)
     noise[5, 5] = np.nan  # non-finite pixels count as 0
     assert np.isfinite(local_contrast(noise)).all()
+    noise[:, :80] = np.nan  # and the robust sigma is over the finite ones only
+    out = local_contrast(noise)[:, 80:]
+    assert 1.4826 * np.median(np.abs(out - np.median(out))) == pytest.approx(1.0, abs=1e-6)
     assert (local_contrast(np.zeros((8, 8))) == 0).all()
     with pytest.raises(ValueError, match="2-D"):
         local_contrast(np.zeros((2, 8, 8)))
