@@ -48,7 +48,7 @@ from deblend.tiling import has_signal, iter_batches, make_windows, split_window
 
 __all__ = ["Instances", "detect", "crowded_limit", "suppress_duplicates", "check_companion_options",
            "local_contrast", "instances_to_labels", "COMPANION_DISTANCE", "COMPANION_SCORE",
-           "COMPANION_CONTRAST"]
+           "COMPANION_CONTRAST", "CONTRAST_SAMPLE_PIXELS"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ COMPANION_DISTANCE = 3.0
 COMPANION_SCORE = 0.8
 #: ...and least `local_contrast` (robust sigma) within a pixel of its centre.
 COMPANION_CONTRAST = 2.0
+#: `local_contrast` measures its robust sigma on at least this many pixels (all of a smaller image).
+CONTRAST_SAMPLE_PIXELS = 1_000_000
+_CONTRAST_SLAB = 64  # rows per slab of that sample
+_CONTRAST_REACH = 3  # pixels a contrast value depends on, each side (a 3x3 mean, then a 5x5 mean of it)
 
 
 @dataclass
@@ -648,7 +652,7 @@ def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5
         raise ValueError(f"image must have the shape {dims} given, got shape {np.shape(image)}")
     companion = {"distance": companion_distance, "score": companion_score, "least_contrast": companion_contrast,
                  "contrast": _LazyContrast(image)}
-    owner = np.full(dims, -1, dtype=np.int64)  # the kept instance that claimed each pixel first
+    owner = np.full(dims, -1, dtype=np.int32)  # the kept instance that claimed each pixel first
     order = np.argsort(-np.asarray(instances.det_score, dtype=np.float64), kind="stable")
     keep = np.zeros(len(instances), dtype=bool)
     for i in order:
@@ -688,22 +692,28 @@ def _is_companion(instances, index, covering, *, distance, score, contrast, leas
     if contrast.image is None:
         return True
     x, y = (int(np.floor(v + 0.5)) for v in instances.centers[index])
-    near = contrast.map[max(y - 1, 0):max(y + 2, 0), max(x - 1, 0):max(x + 2, 0)]
-    return bool(near.size and near.max() >= least_contrast)
+    return contrast.near_max(x, y) >= least_contrast
 
 
 class _LazyContrast:
-    """`local_contrast` of ``image``, computed when first asked for (most images need none)."""
+    """`local_contrast` of ``image`` at the few pixels asked for; its sigma measured once, when first needed."""
 
     def __init__(self, image):
         self.image = image
-        self._map = None
+        self._sigma = None
 
-    @property
-    def map(self):
-        if self._map is None:
-            self._map = local_contrast(self.image)
-        return self._map
+    def near_max(self, x, y):
+        """Largest `local_contrast` within a pixel of pixel ``(x, y)`` (-inf off the image)."""
+        ny, nx = self.image.shape
+        rows = slice(min(max(y - 1, 0), ny), min(max(y + 2, 0), ny))
+        cols = slice(min(max(x - 1, 0), nx), min(max(x + 2, 0), nx))
+        if rows.start == rows.stop or cols.start == cols.stop:
+            return -np.inf
+        if self._sigma is None:
+            self._sigma = _contrast_sigma(self.image)
+        if self._sigma <= 0:
+            return 0.0
+        return float(_bump(self.image, rows, cols).max() / self._sigma)
 
 
 def local_contrast(normalized):
@@ -714,7 +724,10 @@ def local_contrast(normalized):
     the finite pixels: a faint companion on a brighter neighbour's slope is a
     positive bump, the smooth wing itself is about 0. The contrast-peak
     proposals of `deblend.models.peak_boxes` are built the same way, per
-    window.
+    window. On images of more than `CONTRAST_SAMPLE_PIXELS` pixels the robust
+    standard deviation is measured on slabs of rows holding that many,
+    spread evenly over the image (so `suppress_duplicates` needs neither a
+    full map nor its median, and large images cost no extra memory).
 
     Parameters
     ----------
@@ -726,15 +739,51 @@ def local_contrast(normalized):
     -------
     ndarray of float32, shape (ny, nx)
     """
-    image = np.asarray(normalized, dtype=np.float64)
+    image = np.asarray(normalized)
     if image.ndim != 2:
         raise ValueError(f"normalized must be a 2-D image, got shape {image.shape}")
-    finite = np.isfinite(image)
-    smooth = ndimage.uniform_filter(np.where(finite, image, 0.0), 3, mode="nearest")
-    bump = smooth - ndimage.uniform_filter(smooth, 5, mode="nearest")
-    values = bump[finite] if finite.any() else bump.ravel()
-    sigma = 1.4826 * np.median(np.abs(values - np.median(values)))
+    sigma = _contrast_sigma(image)
+    bump = _bump(image, slice(0, image.shape[0]), slice(0, image.shape[1]))
     return (bump / sigma if sigma > 0 else np.zeros_like(bump)).astype(np.float32)
+
+
+def _bump(image, rows, cols):
+    """The 3x3 mean minus its 5x5 running mean of ``image[rows, cols]`` (numerator of `local_contrast`).
+
+    'Nearest' edges, non-finite pixels as 0; computed from that region grown by the filters' reach
+    only, so a few pixels cost a few pixels' work.
+    """
+    ny, nx = image.shape
+    r0, r1 = max(rows.start - _CONTRAST_REACH, 0), min(rows.stop + _CONTRAST_REACH, ny)
+    c0, c1 = max(cols.start - _CONTRAST_REACH, 0), min(cols.stop + _CONTRAST_REACH, nx)
+    part = np.asarray(image[r0:r1, c0:c1], dtype=np.float64)
+    part = np.where(np.isfinite(part), part, 0.0)
+    smooth = ndimage.uniform_filter(part, 3, mode="nearest")
+    bump = smooth - ndimage.uniform_filter(smooth, 5, mode="nearest")
+    return bump[rows.start - r0:rows.stop - r0, cols.start - c0:cols.stop - c0]
+
+
+def _contrast_sigma(image):
+    """Robust standard deviation of `_bump` over the finite pixels (0 when none is).
+
+    All rows of an image up to `CONTRAST_SAMPLE_PIXELS` pixels; on larger images, evenly spread
+    slabs of rows holding that many.
+    """
+    ny, nx = image.shape
+    wanted = math.ceil(CONTRAST_SAMPLE_PIXELS / max(nx, 1))
+    if wanted >= ny - _CONTRAST_SLAB:
+        starts, height = [0], ny
+    else:
+        height = _CONTRAST_SLAB
+        starts = np.unique(np.linspace(0, ny - height, math.ceil(wanted / height)).round().astype(int))
+    values = []
+    for start in starts:
+        rows = slice(int(start), int(start) + height)
+        values.append(_bump(image, rows, slice(0, nx))[np.isfinite(image[rows])])
+    values = np.concatenate(values)
+    if values.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
 def instances_to_labels(instances, shape, *, mask_threshold=0.5, mask=None):

@@ -532,6 +532,25 @@ def test_local_contrast_ignores_gradients_and_is_in_robust_sigma():
         local_contrast(np.zeros((2, 8, 8)))
 
 
+@pytest.mark.parametrize("sample_pixels", [1_000_000, 3000])  # the whole image; slabs of rows
+def test_contrast_at_a_few_pixels_equals_the_full_map(monkeypatch, sample_pixels):
+    from deblend import segment
+
+    monkeypatch.setattr(segment, "CONTRAST_SAMPLE_PIXELS", sample_pixels)
+    image = np.random.default_rng(2).normal(0, 1, (300, 120))
+    image[40:60, :30] = np.nan
+    full = segment.local_contrast(image)
+    lazy = segment._LazyContrast(image)
+    for x, y in [(0, 0), (119, 299), (5, 50), (60, 150), (119, 0), (-1, 5), (120, 5)]:
+        near = full[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+        expected = near.max() if near.size else -np.inf
+        assert lazy.near_max(x, y) == pytest.approx(expected, abs=1e-5)
+    assert lazy.near_max(500, 500) == -np.inf  # off the image: no bump
+    # slabs of rows: the robust sigma is still about the whole image's
+    values = full[np.isfinite(image)]
+    assert 1.4826 * np.median(np.abs(values - np.median(values))) == pytest.approx(1.0, abs=0.05)
+
+
 @pytest.mark.parametrize(("distance", "score", "match"), [
     (-1.0, 0.8, "companion_distance"), (np.inf, 0.8, "companion_distance"), (True, 0.8, "companion_distance"),
     ("3", 0.8, "companion_distance"), (3.0, 1.5, "companion_score"), (3.0, None, "companion_score")])
