@@ -196,11 +196,10 @@ class Deblender:
             if int(batch_size) != batch_size or batch_size < 1:
                 raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
             make_windows((window_size, window_size), size=window_size, overlap=overlap)  # validates both
-            from deblend.segment import COMPANION_DISTANCE, COMPANION_SCORE, check_companion_options
+            from deblend.segment import COMPANION_DISTANCE, check_companion_options
 
-            if companion_distance is None:
-                companion_distance = COMPANION_DISTANCE
-            companion_distance, _ = check_companion_options(companion_distance, COMPANION_SCORE)
+            companion_distance, _ = check_companion_options(
+                COMPANION_DISTANCE if companion_distance is None else companion_distance)
             options.update(window_size=window_size, overlap=overlap, batch_size=int(batch_size),
                            score_threshold=score_threshold, max_overlap=max_overlap,
                            companion_distance=companion_distance,

@@ -670,7 +670,7 @@ def suppress_duplicates(instances, shape, *, max_overlap=0.5, mask_threshold=0.5
     return instances.select(np.flatnonzero(keep))
 
 
-def check_companion_options(companion_distance, companion_score):
+def check_companion_options(companion_distance, companion_score=COMPANION_SCORE):
     """Validate `suppress_duplicates`' companion options; returns them as floats."""
     if isinstance(companion_distance, bool) or not isinstance(companion_distance, Real) \
             or not 0 <= companion_distance < np.inf:
