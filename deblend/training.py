@@ -38,6 +38,7 @@ __all__ = [
     "collate",
     "compute_losses",
     "TrainConfig",
+    "freeze_batchnorm",
     "freeze_except",
     "train_mask_rcnn",
 ]
@@ -362,6 +363,9 @@ class TrainConfig:
     # Add the inference-time peak and contrast-peak boxes (the model's own counts,
     # deblend.models.mask_rcnn.peak_boxes) to the box head's training proposals.
     peak_proposals: bool = False
+    # Normalise with the initial weights' BatchNorm running statistics and never update them
+    # (`freeze_batchnorm`); for fine-tuning, so that the batch size does not change them.
+    freeze_batchnorm: bool = False
 
 
 def _progress(step, elapsed, cfg):
@@ -516,9 +520,33 @@ def freeze_except(model, prefixes):
     if not n_trainable:
         raise ValueError(f"no parameter of the model starts with any of prefixes={prefixes!r}; "
                          "pass prefixes of names from model.named_parameters()")
+    freeze_batchnorm(model, exclude=prefixes)
+    return n_trainable
+
+
+def freeze_batchnorm(model, *, exclude=()):
+    """Keep every BatchNorm of ``model`` in eval mode, even when ``model.train()`` is called.
+
+    A frozen BatchNorm normalises with its running statistics and leaves them
+    unchanged; its affine weights still train if they require gradients. The
+    usual choice when fine-tuning a detector: the statistics the network was
+    trained with stay, whatever the new batch size.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    exclude : tuple of str, optional
+        Module-name prefixes whose BatchNorms keep training normally.
+
+    Returns
+    -------
+    int
+        The number of BatchNorm layers frozen.
+    """
+    exclude = tuple(exclude)
     frozen_norms = [m for name, m in model.named_modules()
                     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                    and not (name + ".").startswith(prefixes)]
+                    and not (exclude and (name + ".").startswith(exclude))]
     train = model.train
 
     def train_keeping_frozen_norms(mode=True):
@@ -529,7 +557,7 @@ def freeze_except(model, prefixes):
 
     model.train = train_keeping_frozen_norms
     model.train(model.training)
-    return n_trainable
+    return len(frozen_norms)
 
 
 def _to_device(images, targets, device):
@@ -619,6 +647,8 @@ def train_mask_rcnn(model, train_examples, *, val_examples=None, config=None, ch
         raise ValueError("config.peak_proposals=True but the model adds no peak boxes (peak_proposals and "
                          "contrast_peak_proposals are 0); set them with deblend.models.set_peak_proposals first")
     model.rpn.train_peak_proposals = bool(cfg.peak_proposals)
+    if cfg.freeze_batchnorm:
+        log.info("froze %d BatchNorm layers (running statistics kept)", freeze_batchnorm(model))
     try:
         return fit(model, batch_loss, config=cfg, validate=validate, checkpoint_dir=checkpoint_dir,
                    resume=resume, device=device)

@@ -199,6 +199,8 @@ def main():
     p.add_argument("--train-peak-proposals", action="store_true",
                    help="also give the box head the inference-time peak and contrast-peak boxes in training "
                         "(the --init-from model's counts)")
+    p.add_argument("--freeze-batchnorm", action="store_true",
+                   help="normalise with the --init-from model's BatchNorm statistics and keep them (fine-tuning)")
     p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
                    help="RPN proposals the saved model keeps at inference, before/after NMS (training unaffected)")
     p.add_argument("--scene-shape", default=None, metavar="NY,NX",
@@ -272,7 +274,7 @@ def main():
                       max_minutes=args.max_minutes or None, box_batch_size_per_image=args.box_batch_size,
                       rpn_fg_iou_thresh=rpn_iou[0], rpn_bg_iou_thresh=rpn_iou[1],
                       box_fg_iou_thresh=box_iou[0], box_bg_iou_thresh=box_iou[1],
-                      peak_proposals=args.train_peak_proposals)
+                      peak_proposals=args.train_peak_proposals, freeze_batchnorm=args.freeze_batchnorm)
     result = train_mask_rcnn(model, train, val_examples=val, config=cfg,
                              checkpoint_dir=args.checkpoints, resume=not args.no_resume,
                              device=args.device)

@@ -12,6 +12,7 @@ from deblend.training import (
     _loggable,
     collate,
     compute_losses,
+    freeze_batchnorm,
     freeze_except,
     load_examples,
     make_example,
@@ -188,6 +189,38 @@ def test_freeze_except_trains_only_the_mask_branch(examples, tmp_path):
     model.train()
     assert model.training and not model.backbone.body.stem[1].training
     assert model.roi_heads.mask_head.training
+
+
+def test_freeze_batchnorm_keeps_running_statistics_while_weights_train(examples, tmp_path):
+    model = build_mask_rcnn(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(steps=2, batch_size=2, log_every=1, warmup_steps=1, lr=1e-2, freeze_batchnorm=True)
+    train_mask_rcnn(model, examples, config=cfg, checkpoint_dir=tmp_path)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("backbone") and k.endswith("weight") for k in changed)
+    assert not any("running_" in k or "num_batches_tracked" in k for k in changed)
+    model.train()
+    assert model.training and model.roi_heads.mask_head.training
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
+def test_freeze_batchnorm_without_the_option_updates_statistics(examples, tmp_path):
+    model = build_mask_rcnn(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(steps=1, batch_size=2, log_every=1, warmup_steps=1, lr=1e-2)
+    train_mask_rcnn(model, examples, config=cfg, checkpoint_dir=tmp_path)
+    assert any("running_mean" in k and not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_freeze_batchnorm_counts_and_excludes():
+    model = build_mask_rcnn(seed=0)
+    n_all = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert freeze_batchnorm(build_mask_rcnn(seed=0)) == n_all
+    n_kept = freeze_batchnorm(model, exclude=("roi_heads.",))
+    assert 0 < n_kept < n_all
+    model.train()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) and m.training for m in model.roi_heads.modules())
 
 
 def test_freeze_except_rejects_unknown_prefixes():

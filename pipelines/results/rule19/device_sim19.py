@@ -4,6 +4,7 @@ import sys
 
 sys.path.insert(0, "pipelines")
 import train_mask_rcnn as t  # noqa: E402
+
 from deblend.training import ConditionRanges  # noqa: E402
 
 if __name__ == "__main__":
