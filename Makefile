@@ -58,7 +58,7 @@ train-mask-rcnn: $(STAMP)
 		--out deblend/weights/mask_rcnn_small.pt
 
 lint: $(STAMP)
-	$(BIN)/ruff check deblend tests pipelines
+	$(BIN)/ruff check deblend tests pipelines notebooks
 
 clean:
 	rm -rf $(VENV) out
