@@ -2,6 +2,8 @@
 # One device call (session 27): a CUDA run of the sample data beside the simulation of 8000
 # training scenes (seed 13), then ONE fine-tune of the shipped stage 10 with peak proposals in
 # training, the whole GPU to itself. Sizes come from the environment so it smoke-tests on a CPU.
+# It ran as .devrun/gpu19.sh (an ignored folder carried to the device) beside device_sim19.py as
+# .devrun/sim19.py and the validation cache .devrun/val_1_100.npz (validation seed 1, 100 scenes).
 set -u
 export PYTHONUNBUFFERED=1
 N_TRAIN=${N_TRAIN:-8000}; MINUTES=${MINUTES:-9}; WORKERS=${WORKERS:-15}; BATCH=${BATCH:-32}; LR=${LR:-1.5e-4}
