@@ -184,7 +184,8 @@ def make_example(seed, *, ranges=None):
     dict
         ``image`` (float32 (ny, nx), the normalised detection image the
         network sees), ``seg`` (int32 truth labels), ``classes`` (int64 class
-        per label), ``config`` (dict).
+        per label), ``centres`` (float32 ``(x, y)`` per label, the truth
+        positions), ``config`` (dict).
     """
     rng = np.random.default_rng(seed)
     ranges = ranges or ConditionRanges()
@@ -199,7 +200,10 @@ def make_example(seed, *, ranges=None):
     prepared = prepare(image)
     normalized = prepared.normalized()
     seg, classes = targets_from_truth(scene.truth_seg, scene.truth, mask=image.mask)
-    return {"image": normalized, "seg": seg, "classes": classes, "config": asdict(config)}
+    centres = np.full((len(classes), 2), np.nan, np.float32)
+    ids = np.asarray(scene.truth["id"], dtype=np.int64)
+    centres[ids - 1] = np.stack([np.asarray(scene.truth["x"]), np.asarray(scene.truth["y"])], axis=1)
+    return {"image": normalized, "seg": seg, "classes": classes, "centres": centres, "config": asdict(config)}
 
 
 def make_examples(n, *, seed, ranges=None, progress=False):
@@ -230,11 +234,14 @@ def save_examples(examples, path):
     segs = np.stack([e["seg"] for e in examples]).astype(np.int16)
     n_classes = np.array([len(e["classes"]) for e in examples])
     classes = np.concatenate([e["classes"] for e in examples]) if examples else np.zeros(0, np.int64)
+    centres = (np.concatenate([e["centres"] for e in examples]) if examples and "centres" in examples[0]
+               else np.zeros((0, 2), np.float32))
     configs = json.dumps([e["config"] for e in examples])
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, images=images, segs=segs, n_classes=n_classes,
-                                classes=classes.astype(np.int8), configs=np.array(configs))
+                                classes=classes.astype(np.int8), centres=centres.astype(np.float32),
+                                configs=np.array(configs))
 
 
 def load_examples(path):
@@ -243,9 +250,14 @@ def load_examples(path):
         images, segs = z["images"].astype(np.float32), z["segs"].astype(np.int32)
         n_classes, classes = z["n_classes"], z["classes"].astype(np.int64)
         configs = json.loads(str(z["configs"]))
+        centres = z["centres"] if "centres" in z.files else None  # caches written before centres
     offsets = np.concatenate([[0], np.cumsum(n_classes)])
-    return [{"image": images[i], "seg": segs[i], "classes": classes[offsets[i]:offsets[i + 1]],
-             "config": configs[i]} for i in range(len(images))]
+    examples = [{"image": images[i], "seg": segs[i], "classes": classes[offsets[i]:offsets[i + 1]],
+                 "config": configs[i]} for i in range(len(images))]
+    if centres is not None and len(centres) == offsets[-1]:
+        for i, example in enumerate(examples):
+            example["centres"] = centres[offsets[i]:offsets[i + 1]]
+    return examples
 
 
 def _instances(seg, classes):

@@ -129,6 +129,24 @@ def test_cache_round_trip(examples, tmp_path):
     np.testing.assert_array_equal(back[1]["seg"], examples[1]["seg"])
     np.testing.assert_array_equal(back[1]["classes"], examples[1]["classes"])
     np.testing.assert_allclose(back[1]["image"], examples[1]["image"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(back[1]["centres"], examples[1]["centres"])
+
+
+def test_example_centres_are_the_truth_positions(examples):
+    distances = []
+    for ex in examples:
+        assert ex["centres"].shape == (len(ex["classes"]), 2)
+        for label in np.unique(ex["seg"][ex["seg"] > 0]):
+            ys, xs = np.nonzero(ex["seg"] == label)
+            distances.append(np.hypot(*(ex["centres"][label - 1] - (xs.mean(), ys.mean()))))
+    # A footprint's centroid is its source's position, unless a neighbour owns part of it.
+    assert len(distances) > 20 and np.median(distances) < 0.5
+
+
+def test_cache_without_centres_still_loads(examples, tmp_path):
+    save_examples([{k: v for k, v in e.items() if k != "centres"} for e in examples], tmp_path / "old.npz")
+    back = load_examples(tmp_path / "old.npz")
+    assert len(back) == len(examples) and "centres" not in back[0]
 
 
 def test_short_training_run_checkpoints_and_resumes(examples, tmp_path):

@@ -1,0 +1,136 @@
+"""Recipe: train the centre detector (deblend.models.centre_net) on simulated scenes.
+
+The scenes are the Mask R-CNN recipe's (``pipelines/train_mask_rcnn.py``: same
+simulator, conditions and cache), with each source's truth position; the
+target is a Gaussian bump (sigma 1 pixel) at each centre, the loss CenterNet's
+focal loss. Flips and 90-degree rotations. Checkpoints and resume as for the
+other networks (``deblend.training.fit``). Uses a GPU when there is one.
+
+Usage (from the repository root):
+    .venv/bin/python pipelines/train_centre_net.py --n-train 4000 --train-seed 20 \
+        --max-minutes 70 --out runs/centre_net.pt
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deblend import __version__
+from deblend.models.centre_net import CentreNet, centre_focal_loss, centre_targets
+from deblend.training import ConditionRanges, TrainConfig, fit, hardware_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_mask_rcnn import cached_examples  # noqa: E402  (same scenes and cache as the Mask R-CNN recipe)
+
+log = logging.getLogger("train_centre_net")
+
+
+def _with_targets(examples):
+    """Keep examples with truth centres; add each one's target heatmap."""
+    kept = [e for e in examples if "centres" in e]
+    if len(kept) < len(examples):
+        raise ValueError(f"{len(examples) - len(kept)} cached examples have no truth centres (a cache "
+                         "written before deblend.training.make_example recorded them); delete the cache file "
+                         "or pass a new --cache folder")
+    for e in kept:
+        e["heat"] = centre_targets(e["centres"], e["image"].shape)
+    return kept
+
+
+def _batch(examples, index, rng):
+    images, heats = [], []
+    for i in index:
+        e = examples[int(i)]
+        k, flip = int(rng.integers(4)), rng.random() < 0.5
+        image, heat = np.rot90(e["image"], k), np.rot90(e["heat"], k)
+        if flip:
+            image, heat = image[:, ::-1], heat[:, ::-1]
+        images.append(np.nan_to_num(image, nan=0.0))
+        heats.append(heat)
+    return (torch.from_numpy(np.ascontiguousarray(np.stack(images)[:, None], dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(np.stack(heats)[:, None], dtype=np.float32)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-val", type=int, default=100)
+    p.add_argument("--train-seed", type=int, default=20)
+    p.add_argument("--val-seed", type=int, default=21)
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-minutes", type=float, default=70.0)
+    p.add_argument("--channels", default="16,32,64,96")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cache", default="runs/train_cache")
+    p.add_argument("--checkpoints", default="runs/checkpoints/centre_net")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="runs/centre_net.pt")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    # The conditions of the shipped Mask R-CNN's last stages (its model card).
+    ranges = ConditionRanges(correlated_fraction=0.5, r_half_max=(1.5, 4.0), space_fraction=0.25,
+                             blend_fraction=(0.35, 0.85), density=(60.0, 400.0))
+    cache = Path(args.cache)
+    train = _with_targets(cached_examples(cache / f"centres_train_{args.train_seed}_{args.n_train}.npz",
+                                          args.n_train, args.train_seed, args.workers, ranges))
+    val = _with_targets(cached_examples(cache / f"centres_val_{args.val_seed}_{args.n_val}.npz",
+                                        args.n_val, args.val_seed, args.workers, ranges))
+    torch.manual_seed(args.seed)
+    model = CentreNet(channels=tuple(int(c) for c in args.channels.split(",")))
+    device = args.device
+    val_batches = [_batch(val, range(i, min(i + 16, len(val))), np.random.default_rng(0))
+                   for i in range(0, len(val), 16)]
+
+    def batch_loss(step, rng):
+        images, heats = _batch(train, rng.integers(0, len(train), args.batch_size), rng)
+        loss = centre_focal_loss(model(images.to(device)), heats.to(device))
+        return loss, {"focal": loss}
+
+    def validate():
+        model.eval()
+        with torch.no_grad():
+            total = sum(float(centre_focal_loss(model(x.to(device)), y.to(device))) for x, y in val_batches)
+        return {"val_loss": total / len(val_batches)}
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      max_minutes=args.max_minutes or None, val_every=500)
+    result = fit(model, batch_loss, config=cfg, validate=validate, checkpoint_dir=args.checkpoints,
+                 resume=not args.no_resume, device=device)
+    model.to("cpu").eval()
+    last_val = [r["val_loss"] for r in result["history"] if "val_loss" in r]
+    card = {
+        "name": Path(args.out).stem, "deblend_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "architecture": {"class": "deblend.models.centre_net.CentreNet", **model.config},
+        "data": {"simulator": "deblend.simulate (GalSim)", "n_train": args.n_train,
+                 "train_seed": args.train_seed, "n_val": args.n_val, "val_seed": args.val_seed,
+                 "conditions": asdict(ranges), "augmentation": "flips and 90-degree rotations"},
+        "recipe": {"script": "pipelines/train_centre_net.py", "train_config": asdict(cfg),
+                   "steps_done": result["steps"], "stopped_early": result["stopped_early"],
+                   "wall_time_s": round(result["wall_time"], 1), "device": device},
+        "hardware": hardware_info(),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "final_val_loss": last_val[-1] if last_val else None,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {k: v.half() if v.is_floating_point() else v
+                               for k, v in model.state_dict().items()}, "card": card}, out)
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    log.info("wrote %s after %d steps (val loss %s)", out, result["steps"], card["final_val_loss"])
+
+
+if __name__ == "__main__":
+    main()
