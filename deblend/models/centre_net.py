@@ -78,6 +78,7 @@ class CentreNet(nn.Module):
         nn.init.constant_(self.head.bias, -4.0)  # start near "no centre anywhere" (CenterNet's prior)
 
     def forward(self, x):
+        """Centre logits ``(batch, 1, ny, nx)`` of ``(batch, in_channels, ny, nx)`` images."""
         ny, nx = x.shape[-2:]
         m = 2 ** (len(self.down) - 1)
         x = F.pad(x, (0, -nx % m, 0, -ny % m))
