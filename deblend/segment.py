@@ -42,7 +42,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.ops import boxes as box_ops
 from tqdm.auto import tqdm
 
-from deblend.models.mask_rcnn import CLASS_NAMES, paste_mask_crops
+from deblend.models.mask_rcnn import CENTRE_RESCUE_DISTANCE, CLASS_NAMES, centre_boxes, paste_mask_crops
 from deblend.models.precision import autocast, check_half
 from deblend.tiling import has_signal, iter_batches, make_windows, split_window
 
@@ -202,18 +202,12 @@ def _is_mask_rcnn(model):
     return isinstance(model, GeneralizedRCNN) and model.roi_heads.has_mask()
 
 
-def _postprocess_detections(roi_heads, class_logits, box_regression, proposals, image_shapes):
-    """Do torchvision's ``RoIHeads.postprocess_detections`` with one detection per proposal.
+def _candidates(roi_heads, class_logits, box_regression, proposals, image_shapes):
+    """Per image, every proposal as one candidate: ``(boxes, labels, class_prob, det_score)``.
 
-    torchvision turns each proposal into one candidate *per class* and runs NMS
-    per class, so one source can come out twice (as a star and as a galaxy),
-    and a source the model is sure of but whose class is uncertain (P(star) ≈
-    P(galaxy) ≈ 0.45) falls below a class-score threshold. Here each proposal
-    gives one candidate: its most probable non-background class, that class's
-    box, ``class_prob = P(class)`` and ``det_score = 1 - P(background)``;
-    candidates above the model's ``score_thresh`` (on ``det_score``) go through
-    one class-agnostic NMS at the model's ``nms_thresh``, ordered by
-    ``det_score``, and at most ``detections_per_img`` are kept.
+    The candidate is the proposal's most probable non-background class, that
+    class's refined box (clipped to the image), ``class_prob = P(class)`` and
+    ``det_score = 1 - P(background)``.
     """
     boxes_per_image = [len(p) for p in proposals]
     # Geometry and scores in float32, whatever precision the heads ran in.
@@ -228,11 +222,96 @@ def _postprocess_detections(roi_heads, class_logits, box_regression, proposals, 
         labels = best + 1
         det_score = foreground.sum(dim=1)  # 1 - P(background), without the cancellation
         boxes = boxes[torch.arange(len(boxes), device=boxes.device), labels]
+        out.append((boxes, labels, class_prob, det_score))
+    return out
+
+
+def _postprocess_detections(roi_heads, candidates):
+    """Do torchvision's ``RoIHeads.postprocess_detections`` with one detection per proposal.
+
+    torchvision turns each proposal into one candidate *per class* and runs NMS
+    per class, so one source can come out twice (as a star and as a galaxy),
+    and a source the model is sure of but whose class is uncertain (P(star) ≈
+    P(galaxy) ≈ 0.45) falls below a class-score threshold. Here each proposal
+    gives one candidate (`_candidates`); candidates above the model's
+    ``score_thresh`` (on ``det_score``) go through one class-agnostic NMS at
+    the model's ``nms_thresh``, ordered by ``det_score``, and at most
+    ``detections_per_img`` are kept. Returns the kept indices per image.
+    """
+    out = []
+    for boxes, _, _, det_score in candidates:
         keep = torch.where(det_score > roi_heads.score_thresh)[0]
         keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
         keep = keep[box_ops.nms(boxes[keep], det_score[keep], roi_heads.nms_thresh)]
-        keep = keep[: roi_heads.detections_per_img]
-        out.append((boxes[keep], labels[keep], class_prob[keep], det_score[keep]))
+        out.append(keep[: roi_heads.detections_per_img])
+    return out
+
+
+def _rescue_centres(candidates, kept, centres, first, *, threshold, min_score=0.0,
+                    distance=CENTRE_RESCUE_DISTANCE):
+    """Add to the kept candidates the confident centres no kept box is centred on.
+
+    A centre of the centre detector (`deblend.models.mask_rcnn.centre_boxes`)
+    whose heatmap value is at least ``threshold`` and which is farther than
+    ``distance`` pixels from the centre of every kept box scoring at least
+    ``min_score`` (and of every centre rescued before it) becomes a detection: of its two proposals, the one the
+    box head scored higher, with that proposal's refined box (the proposal
+    itself when the refinement moved it more than ``distance``, onto a
+    neighbour), class and class probability, and ``det_score`` the larger of
+    the box head's score and the heatmap value.
+
+    Parameters
+    ----------
+    candidates : list of (boxes, labels, class_prob, det_score)
+        `_candidates`, per image.
+    kept : list of Tensor
+        Indices of the kept candidates, per image (`_postprocess_detections`).
+    centres : list of (boxes, values)
+        `centre_boxes`, per image.
+    first : list of int
+        Index of each image's first centre proposal among its candidates.
+    threshold : float
+        Lowest heatmap value of a rescued centre.
+    min_score : float, optional
+        Kept boxes scoring lower (which the caller will drop) do not stand
+        for a source.
+    distance : float, optional
+
+    Returns
+    -------
+    list of (boxes, labels, class_prob, det_score)
+        Per image, the kept detections followed by the rescued ones.
+    """
+    out = []
+    for (boxes, labels, class_prob, det_score), keep, (proposals, values), start in zip(
+            candidates, kept, centres, first, strict=True):
+        n = len(values)
+        sure = keep[det_score[keep] >= min_score]
+        points = 0.5 * (boxes[sure, :2] + boxes[sure, 2:])
+        rescued, scores, rescued_boxes = [], [], []
+        small = proposals[:n]
+        centre_xy = 0.5 * (small[:, :2] + small[:, 2:])
+        for k in torch.nonzero(values >= threshold).flatten().tolist():
+            xy = centre_xy[k]
+            if len(points) and float(torch.linalg.vector_norm(points - xy, dim=1).min()) <= distance:
+                continue
+            pair = torch.tensor([start + k, start + n + k], device=boxes.device)
+            best = pair[det_score[pair].argmax()]
+            box = boxes[best]
+            if float(torch.linalg.vector_norm(0.5 * (box[:2] + box[2:]) - xy)) > distance:
+                box = small[k]
+            rescued.append(best)
+            rescued_boxes.append(box)
+            scores.append(torch.maximum(det_score[best], values[k]))
+            points = torch.cat([points, xy[None]])
+        if rescued:
+            index = torch.stack(rescued)
+            out.append((torch.cat([boxes[keep], torch.stack(rescued_boxes)]),
+                        torch.cat([labels[keep], labels[index]]),
+                        torch.cat([class_prob[keep], class_prob[index]]),
+                        torch.cat([det_score[keep], torch.stack(scores).to(det_score.dtype)])))
+        else:
+            out.append((boxes[keep], labels[keep], class_prob[keep], det_score[keep]))
     return out
 
 
@@ -286,11 +365,22 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None, crowded_score
     if isinstance(features, torch.Tensor):
         features = OrderedDict([("0", features)])
     proposals, _ = model.rpn(image_list, features)
+    config = getattr(model, "deblend_config", {})
+    centres = None
+    if getattr(model, "centre_net", None) is not None and config.get("centre_proposals"):
+        centres = centre_boxes(model, image_list.tensors, image_list.image_sizes)
+        first = [len(p) for p in proposals]
+        proposals = [torch.cat([p, b.to(p.dtype)]) for p, (b, _) in zip(proposals, centres, strict=True)]
     heads = model.roi_heads
     class_logits, box_regression = _bucketed(lambda r: heads.box_predictor(heads.box_head(r)),
                                              heads.box_roi_pool(features, proposals, image_list.image_sizes))
-    per_image = _postprocess_detections(heads, class_logits, box_regression, proposals,
-                                        image_list.image_sizes)
+    candidates = _candidates(heads, class_logits, box_regression, proposals, image_list.image_sizes)
+    kept = _postprocess_detections(heads, candidates)
+    if centres is not None and config.get("centre_rescue") is not None:
+        per_image = _rescue_centres(candidates, kept, centres, first, threshold=config["centre_rescue"],
+                                    min_score=score_threshold)
+    else:
+        per_image = [tuple(t[keep] for t in c) for c, keep in zip(candidates, kept, strict=True)]
     crowded_score = score_threshold if crowded_score is None else crowded_score
     n_found = [int((d >= crowded_score).sum()) for _, _, _, d in per_image]
     # Drop what the caller would drop before the (costlier) mask head.

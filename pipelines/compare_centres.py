@@ -20,29 +20,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_quality import scene_config  # noqa: E402
 
 from deblend.evaluate import match_sources  # noqa: E402
 from deblend.io import Image  # noqa: E402
-from deblend.models.centre_net import CentreNet, centre_heatmap, find_centres  # noqa: E402
+from deblend.models.centre_net import centre_heatmap, find_centres, load_centre_net  # noqa: E402
 from deblend.pipeline import Deblender  # noqa: E402
 from deblend.preprocess import prepare  # noqa: E402
 from deblend.simulate import simulate_scene  # noqa: E402
 
 log = logging.getLogger("compare_centres")
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-
-
-def load_centre_net(path):
-    """A `CentreNet` from a file written by ``pipelines/train_centre_net.py``."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    arch = state["card"]["architecture"]
-    model = CentreNet(in_channels=arch["in_channels"], channels=arch["channels"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
-    return model.eval()
 
 
 def counts(points, truth, fwhm):

@@ -5,7 +5,11 @@ weights: ``--peak-proposals N`` adds boxes around up to N local maxima of each w
 the RPN's proposals (`deblend.models.set_peak_proposals`), ``--contrast-peak-proposals N``
 boxes around up to N maxima of the local contrast (companions on a brighter neighbour's
 slope, `deblend.models.peak_boxes`), ``--rpn-test-top-n PRE,POST``
-sets how many RPN proposals are kept (`deblend.models.set_test_proposals`). The new file
+sets how many RPN proposals are kept (`deblend.models.set_test_proposals`), and
+``--centre-net FILE`` attaches a centre detector trained by ``pipelines/train_centre_net.py``
+(`deblend.models.attach_centre_net`): boxes around up to ``--centre-proposals`` maxima of its
+heatmap above ``--centre-threshold`` join the proposals, and with ``--centre-rescue V`` a centre
+of heatmap value >= V that no kept box sits on becomes a detection. The new file
 gets a model card beside it: the input's card with the options recorded under
 ``inference_options`` (and the input file's name and sha256), and its metrics cleared
 until `pipelines/benchmark_quality.py` measures them again.
@@ -13,6 +17,8 @@ until `pipelines/benchmark_quality.py` measures them again.
 Usage (from the repository root):
     .venv/bin/python pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100 \
         [--contrast-peak-proposals 100] --out runs/mask_rcnn_stage10_peaks.pt
+    .venv/bin/python pipelines/set_inference_options.py deblend/weights/mask_rcnn_small.pt \
+        --centre-net runs/centre_net.pt --centre-proposals 100 --centre-rescue 0.5 --out runs/with_centres.pt
 """
 
 import argparse
@@ -20,7 +26,15 @@ import json
 import logging
 from pathlib import Path
 
-from deblend.models import load_weights, model_config, save_weights, set_peak_proposals, set_test_proposals
+from deblend.models import (
+    attach_centre_net,
+    load_weights,
+    model_config,
+    save_weights,
+    set_peak_proposals,
+    set_test_proposals,
+)
+from deblend.models.centre_net import load_centre_net
 
 log = logging.getLogger("set_inference_options")
 
@@ -34,6 +48,15 @@ def main(argv=None):
                    help="contrast-peak proposals per window at inference (0: none)")
     p.add_argument("--rpn-test-top-n", default=None, metavar="PRE,POST",
                    help="RPN proposals kept at inference, before/after NMS")
+    p.add_argument("--centre-net", default=None, metavar="FILE",
+                   help="attach this centre detector (pipelines/train_centre_net.py)")
+    p.add_argument("--centre-proposals", type=int, default=100, metavar="N",
+                   help="with --centre-net: centre proposals per window (default 100)")
+    p.add_argument("--centre-threshold", type=float, default=0.3, metavar="V",
+                   help="with --centre-net: lowest heatmap value of a proposed centre (default 0.3)")
+    p.add_argument("--centre-rescue", type=float, default=None, metavar="V",
+                   help="with --centre-net: keep centres of heatmap value >= V no kept box sits on "
+                        "(default: no rescue)")
     p.add_argument("--out", required=True, help="the new weights file (its card is written beside it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -55,6 +78,10 @@ def main(argv=None):
                 p.error(f"--rpn-test-top-n must be PRE,POST (two integers), got {args.rpn_test_top_n!r}; "
                         "e.g. --rpn-test-top-n 600,300")
             set_test_proposals(model, int(values[0]), int(values[1]))
+        if args.centre_net is not None:
+            centre_net = load_centre_net(args.centre_net)
+            attach_centre_net(model, centre_net, proposals=args.centre_proposals,
+                              threshold=args.centre_threshold, rescue=args.centre_rescue)
     except ValueError as error:
         p.error(str(error))
     config = model_config(model)
@@ -62,6 +89,11 @@ def main(argv=None):
                "contrast_peak_proposals": config["contrast_peak_proposals"],
                "rpn_test_top_n": [config["rpn_pre_nms_top_n_test"], config["rpn_post_nms_top_n_test"]],
                "from": {"file": source.name, "sha256": model.deblend_sha256}}
+    if config.get("centre_net_channels") is not None:
+        options["centre_net"] = {"proposals": config["centre_proposals"], "threshold": config["centre_threshold"],
+                                 "rescue": config["centre_rescue"]}
+        if args.centre_net is not None:
+            options["centre_net"]["card"] = centre_net.deblend_card
     metadata = {**model.deblend_metadata, "name": out.stem, "inference_options": options}
     sha = save_weights(model, out, metadata=metadata)
     card = json.loads(card_path.read_text())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from deblend import __version__
-from deblend.models.centre_net import CentreNet, centre_focal_loss, centre_targets
+from deblend.models.centre_net import CentreNet, centre_focal_loss, centre_targets, save_centre_net
 from deblend.training import ConditionRanges, TrainConfig, fit, hardware_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,7 +113,6 @@ def main():
     card = {
         "name": Path(args.out).stem, "deblend_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "architecture": {"class": "deblend.models.centre_net.CentreNet", **model.config},
         "data": {"simulator": "deblend.simulate (GalSim)", "n_train": args.n_train,
                  "train_seed": args.train_seed, "n_val": args.n_val, "val_seed": args.val_seed,
                  "conditions": asdict(ranges), "augmentation": "flips and 90-degree rotations"},
@@ -126,9 +125,8 @@ def main():
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {k: v.half() if v.is_floating_point() else v
-                               for k, v in model.state_dict().items()}, "card": card}, out)
-    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    save_centre_net(model, out, card=card)
+    out.with_suffix(".json").write_text(json.dumps(torch.load(out, weights_only=True)["card"], indent=2) + "\n")
     log.info("wrote %s after %d steps (val loss %s)", out, result["steps"], card["final_val_loss"])
 
 

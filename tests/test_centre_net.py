@@ -100,3 +100,19 @@ def test_a_short_fit_finds_two_close_blobs():
         net(x)
     xs, ys, _ = find_centres(centre_heatmap(net, image), threshold=0.3)
     assert sorted(zip(xs.tolist(), ys.tolist(), strict=True)) == [(14, 16), (18, 16)]
+
+
+def test_save_and_load_keep_the_network_and_card(tmp_path):
+    from deblend.models.centre_net import load_centre_net, save_centre_net
+
+    torch.manual_seed(0)
+    net = CentreNet(channels=(4, 8)).eval()
+    save_centre_net(net, tmp_path / "c.pt", card={"name": "c"})
+    back = load_centre_net(tmp_path / "c.pt")
+    assert back.deblend_card["architecture"]["channels"] == [4, 8] and not back.training
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), net(x), atol=2e-2, rtol=2e-2)
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt.*save_centre_net"):
+        load_centre_net(tmp_path / "other.pt")

@@ -18,7 +18,15 @@ from deblend.models import (
     set_test_proposals,
     with_mask_head,
 )
-from deblend.models.mask_rcnn import MASK_BRANCH, _paste_masks, _running_max, paste_mask_crops, peak_boxes
+from deblend.models.mask_rcnn import (
+    MASK_BRANCH,
+    _paste_masks,
+    _running_max,
+    attach_centre_net,
+    centre_boxes,
+    paste_mask_crops,
+    peak_boxes,
+)
 from deblend.training import _instances
 
 torch.set_num_threads(2)
@@ -547,3 +555,53 @@ def test_peak_threshold_rises_with_correlated_noise():
     image[0] += torch.from_numpy((12.0 * np.exp(-((x - 30) ** 2 + (y - 60) ** 2) / 4.0)).astype(np.float32))
     found = peak_boxes(image, [(96, 96)], max_peaks=100, threshold=1.5, nsigma=4.5, sizes=(6.0,))[0]
     assert ((found[:, :2] + found[:, 2:]) / 2).tolist() == [[30.5, 60.5]]
+
+
+def test_centre_net_is_attached_saved_and_loaded_whole(tmp_path):
+    from deblend.models.centre_net import CentreNet
+
+    torch.manual_seed(0)
+    centre_net = CentreNet(channels=(4, 8))
+    model = attach_centre_net(build_mask_rcnn(seed=0), centre_net, proposals=7, threshold=0.2, rescue=0.6)
+    config = model_config(model)
+    assert (config["centre_net_channels"], config["centre_proposals"], config["centre_threshold"],
+            config["centre_rescue"]) == ((4, 8), 7, 0.2, 0.6)
+    save_weights(model, tmp_path / "m.pt", metadata={})
+    loaded = load_weights(tmp_path / "m.pt")
+    assert model_config(loaded)["centre_rescue"] == 0.6
+    image = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        # weights are stored in float16: the loaded detector is the attached one to that precision
+        torch.testing.assert_close(loaded.centre_net(image), centre_net.eval()(image), atol=2e-2, rtol=2e-2)
+    assert "centre_net_channels" not in {k for k, v in model_config(build_mask_rcnn()).items() if v is not None}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"centre_proposals": 5}, "centre detector"),
+    ({"centre_net_channels": (8,)}, "centre_net_channels"),
+    ({"centre_net_channels": (4, 8), "centre_threshold": 0.0}, "centre_threshold"),
+    ({"centre_net_channels": (4, 8), "centre_rescue": 1.5}, "centre_rescue"),
+])
+def test_centre_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_mask_rcnn(**kwargs)
+
+
+def test_centre_boxes_surround_the_heatmap_maxima():
+    from deblend.models.centre_net import CentreNet
+
+    model = attach_centre_net(build_mask_rcnn(seed=0), CentreNet(channels=(4, 8)), proposals=3, threshold=0.5)
+
+    class Fixed(torch.nn.Module):  # a heatmap with maxima at (x, y) = (5, 6) and (20, 9)
+        def forward(self, x):
+            logits = torch.full_like(x, -5.0)
+            logits[..., 6, 5], logits[..., 9, 20] = 3.0, 1.0
+            return logits
+
+    model.centre_net = Fixed()
+    ((boxes, values),) = centre_boxes(model, torch.zeros(1, 1, 32, 32), [(32, 32)])
+    assert values.tolist() == pytest.approx([torch.sigmoid(torch.tensor(3.0)).item(),
+                                             torch.sigmoid(torch.tensor(1.0)).item()])
+    centres = 0.5 * (boxes[:, :2] + boxes[:, 2:])
+    assert centres.tolist() == [[5.5, 6.5], [20.5, 9.5], [5.75, 6.5], [20.5, 9.5]]  # 12-px box clipped at x=0
+    assert (boxes[:2, 2] - boxes[:2, 0]).tolist() == [6.0, 6.0]

@@ -67,3 +67,20 @@ def test_bad_options_are_parser_errors_naming_the_fix(tmp_path):
     no_card = _run(source, "--peak-proposals", 5, "--out", tmp_path / "x.pt")
     assert no_card.returncode == 2 and "has no model card" in no_card.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_centre_detector_is_attached_with_its_settings(tmp_path):
+    from deblend.models.centre_net import CentreNet, save_centre_net
+
+    source, out, centre = _trained(tmp_path), tmp_path / "centres.pt", tmp_path / "centre_net.pt"
+    torch.manual_seed(0)
+    save_centre_net(CentreNet(channels=(4, 8)), centre, card={"name": "centre_net", "recipe": {"steps_done": 3}})
+    result = _run(source, "--centre-net", centre, "--centre-proposals", 50, "--centre-rescue", 0.6, "--out", out)
+    assert result.returncode == 0, result.stderr
+    config = model_config(load_weights(out))
+    assert (config["centre_net_channels"], config["centre_proposals"], config["centre_threshold"],
+            config["centre_rescue"]) == ((4, 8), 50, 0.3, 0.6)
+    options = json.loads(out.with_suffix(".json").read_text())["inference_options"]["centre_net"]
+    assert options["rescue"] == 0.6 and options["card"]["recipe"] == {"steps_done": 3}
+    bad = _run(source, "--centre-net", centre, "--centre-rescue", 2, "--out", tmp_path / "bad.pt")
+    assert bad.returncode != 0 and "centre_rescue" in bad.stderr and not (tmp_path / "bad.pt").exists()

@@ -1,8 +1,9 @@
-"""Neural networks of deblend: the Mask R-CNN detector/segmenter."""
+"""Neural networks of deblend: the Mask R-CNN detector/segmenter and its centre detector."""
 
 from deblend.models.mask_rcnn import (
     BACKBONES,
     CLASS_NAMES,
+    attach_centre_net,
     build_mask_rcnn,
     count_parameters,
     load_weights,
@@ -16,6 +17,7 @@ from deblend.models.mask_rcnn import (
 __all__ = [
     "BACKBONES",
     "CLASS_NAMES",
+    "attach_centre_net",
     "build_mask_rcnn",
     "count_parameters",
     "load_weights",

@@ -25,8 +25,11 @@ __all__ = [
     "CentreNet",
     "centre_focal_loss",
     "centre_heatmap",
+    "centre_peaks",
     "centre_targets",
     "find_centres",
+    "load_centre_net",
+    "save_centre_net",
 ]
 
 log = logging.getLogger(__name__)
@@ -182,6 +185,37 @@ def centre_heatmap(model, normalized, *, device="cpu"):
     return out
 
 
+def centre_peaks(heat, *, threshold, max_centres=None, window=3):
+    """Local maxima of a batch of centre heatmaps (torch), highest first.
+
+    Parameters
+    ----------
+    heat : Tensor, shape (batch, ny, nx)
+        Centre probabilities.
+    threshold : float
+        Lowest probability of a centre.
+    max_centres : int, optional
+        Centres kept per image (the highest); None keeps all.
+    window : int, optional
+        Odd side of the neighbourhood a centre is the maximum of.
+
+    Returns
+    -------
+    list of (xs, ys, values)
+        Per image: long pixel coordinates and the heatmap values, as tensors.
+    """
+    if not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd integer, got {window!r}")
+    is_max = heat == F.max_pool2d(heat[:, None], window, stride=1, padding=window // 2)[:, 0]
+    out = []
+    for b in range(heat.shape[0]):
+        ys, xs = torch.nonzero(is_max[b] & (heat[b] >= threshold), as_tuple=True)
+        values = heat[b, ys, xs]
+        order = torch.argsort(values, descending=True)[:max_centres]
+        out.append((xs[order], ys[order], values[order]))
+    return out
+
+
 def find_centres(heatmap, *, threshold=0.3, window=3):
     """Local maxima of a centre heatmap above ``threshold``.
 
@@ -199,11 +233,40 @@ def find_centres(heatmap, *, threshold=0.3, window=3):
     x, y, value : ndarray
         Pixel coordinates and heatmap values of the centres, highest first.
     """
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be a positive odd integer, got {window!r}")
-    heat = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))[None, None]
-    is_max = heat == F.max_pool2d(heat, window, stride=1, padding=window // 2)
-    ys, xs = torch.nonzero(is_max[0, 0] & (heat[0, 0] >= threshold), as_tuple=True)
-    values = heat[0, 0, ys, xs]
-    order = torch.argsort(values, descending=True)
-    return xs[order].numpy(), ys[order].numpy(), values[order].numpy()
+    heat = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))[None]
+    ((xs, ys, values),) = centre_peaks(heat, threshold=threshold, window=window)
+    return xs.numpy(), ys.numpy(), values.numpy()
+
+
+def save_centre_net(model, path, *, card):
+    """Write a trained `CentreNet` (float16 weights) and its card to ``path``.
+
+    Parameters
+    ----------
+    model : CentreNet
+    path : str or os.PathLike
+    card : dict
+        Provenance (data, recipe, hardware) of plain Python types; the
+        architecture is added under ``"architecture"``.
+    """
+    card = {**card, "architecture": {"class": "deblend.models.centre_net.CentreNet", **model.config}}
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "card": card}, path)
+
+
+def load_centre_net(path):
+    """A `CentreNet` in eval mode from a file written by `save_centre_net`.
+
+    Its card is ``model.deblend_card``.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        arch = payload["card"]["architecture"]
+        model = CentreNet(in_channels=arch["in_channels"], channels=arch["channels"])
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in payload["state_dict"].items()})
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(f"{path} is not a centre detector written by save_centre_net "
+                         f"(pipelines/train_centre_net.py): {error}") from error
+    model.deblend_card = payload["card"]
+    return model.eval()

@@ -37,6 +37,7 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper
 
+from deblend.models.centre_net import CentreNet, centre_peaks
 from deblend.models.roi_align import SeparableMultiScaleRoIAlign
 from deblend.models.weights import load_payload, save_model
 
@@ -49,6 +50,8 @@ __all__ = [
     "set_test_proposals",
     "set_peak_proposals",
     "peak_boxes",
+    "attach_centre_net",
+    "centre_boxes",
     "save_weights",
     "load_weights",
     "count_parameters",
@@ -486,6 +489,10 @@ def build_mask_rcnn(
     rpn_post_nms_top_n_test=300,
     peak_proposals=0,
     contrast_peak_proposals=0,
+    centre_net_channels=None,
+    centre_proposals=0,
+    centre_threshold=0.3,
+    centre_rescue=None,
     trainable_backbone_layers=5,
     seed=None,
 ):
@@ -542,6 +549,22 @@ def build_mask_rcnn(
         Likewise, boxes around up to this many maxima of the local contrast
         (:func:`peak_boxes`' ``max_contrast_peaks``): companions on a brighter
         neighbour's slope, with no maximum of their own. 0 (default) adds none.
+    centre_net_channels : sequence of int, optional
+        Give the model a centre detector, ``model.centre_net``
+        (`deblend.models.centre_net.CentreNet` with these widths), trained
+        separately (``pipelines/train_centre_net.py``) and attached with
+        :func:`attach_centre_net`. None (default): no centre detector.
+    centre_proposals : int, optional
+        At inference, boxes around up to this many maxima of the centre
+        detector's heatmap per window join the proposals (as peak boxes do);
+        0 (default) adds none.
+    centre_threshold : float, optional
+        Lowest heatmap value of a centre that gets proposals.
+    centre_rescue : float, optional
+        A centre whose heatmap value reaches this, with no detection within
+        `CENTRE_RESCUE_DISTANCE` pixels, is kept as a detection even when the
+        box head scored it below the threshold or NMS removed it
+        (``deblend.segment``). None (default): no rescue.
     trainable_backbone_layers : int, optional
         How many backbone units, counted from the top (layer4, layer3, layer2,
         layer1, stem), are trained; the rest are frozen (parameters and
@@ -617,6 +640,21 @@ def build_mask_rcnn(
         rpn[name] = _check_int(name, value, 1)
     peak_proposals = _check_int("peak_proposals", peak_proposals, 0)
     contrast_peak_proposals = _check_int("contrast_peak_proposals", contrast_peak_proposals, 0)
+    if centre_net_channels is not None:
+        if (not isinstance(centre_net_channels, (tuple, list)) or len(centre_net_channels) < 2
+                or not all(_is_int(c) and c >= 1 for c in centre_net_channels)):
+            raise ValueError(f"centre_net_channels must be None or a sequence of at least two positive "
+                             f"integers, got {centre_net_channels!r}, e.g. (16, 32, 64, 96)")
+        centre_net_channels = tuple(int(c) for c in centre_net_channels)
+    centre_proposals = _check_int("centre_proposals", centre_proposals, 0)
+    if centre_proposals and centre_net_channels is None:
+        raise ValueError(f"centre_proposals={centre_proposals} needs a centre detector; pass "
+                         "centre_net_channels (or attach one with attach_centre_net)")
+    centre_threshold = _check_fraction("centre_threshold", centre_threshold, closed_low=False,
+                                       hint=" (a heatmap value, e.g. 0.3)")
+    if centre_rescue is not None:
+        centre_rescue = _check_fraction("centre_rescue", centre_rescue, closed_low=False,
+                                        hint=" (a heatmap value, e.g. 0.5; None for no rescue)")
     if not _is_int(trainable_backbone_layers) or not 0 <= trainable_backbone_layers <= 5:
         raise ValueError(
             f"trainable_backbone_layers must be an integer in [0, 5], got "
@@ -641,6 +679,10 @@ def build_mask_rcnn(
         **rpn,
         "peak_proposals": peak_proposals,
         "contrast_peak_proposals": contrast_peak_proposals,
+        "centre_net_channels": centre_net_channels,
+        "centre_proposals": centre_proposals,
+        "centre_threshold": centre_threshold,
+        "centre_rescue": centre_rescue,
         "trainable_backbone_layers": trainable_backbone_layers,
         "seed": seed,
     }
@@ -698,6 +740,8 @@ def _build(config):
     model.rpn.__class__ = _PeakProposalRPN  # same parameters and state dict, one extra step
     model.rpn.peak_proposals = config["peak_proposals"]
     model.rpn.contrast_peak_proposals = config["contrast_peak_proposals"]
+    if config.get("centre_net_channels") is not None:
+        model.centre_net = CentreNet(in_channels=config["in_channels"], channels=config["centre_net_channels"])
     model.deblend_config = dict(config)
     return model
 
@@ -894,6 +938,81 @@ def set_peak_proposals(model, max_peaks, *, max_contrast_peaks=None):
     config.update(peak_proposals=max_peaks, contrast_peak_proposals=max_contrast_peaks)
     model.deblend_config = config
     return model
+
+
+#: A rescued centre (``centre_rescue``) must be farther than this many pixels from the centre of
+#: every box the box head kept: nearer, that box already is its source.
+CENTRE_RESCUE_DISTANCE = 2.0
+
+
+def attach_centre_net(model, centre_net, *, proposals=100, threshold=0.3, rescue=None):
+    """Give a Mask R-CNN a trained centre detector and set how inference uses it.
+
+    Like `set_peak_proposals`, the settings are part of the model's
+    configuration and the centre detector's weights part of its state dict,
+    so `save_weights` writes one file that `load_weights` restores whole.
+
+    Parameters
+    ----------
+    model : torchvision.models.detection.MaskRCNN
+        From :func:`build_mask_rcnn` or :func:`load_weights`; changed in place.
+    centre_net : deblend.models.centre_net.CentreNet
+        Trained (``pipelines/train_centre_net.py``); copied into ``model.centre_net``.
+    proposals, threshold, rescue
+        :func:`build_mask_rcnn`'s ``centre_proposals``, ``centre_threshold`` and
+        ``centre_rescue``.
+
+    Returns
+    -------
+    torchvision.models.detection.MaskRCNN
+        ``model``.
+    """
+    if not isinstance(centre_net, CentreNet):
+        raise ValueError(f"centre_net must be a deblend.models.centre_net.CentreNet, got "
+                         f"{type(centre_net).__name__}")
+    config = model_config(model)
+    config.update(centre_net_channels=tuple(centre_net.config["channels"]), centre_proposals=proposals,
+                  centre_threshold=threshold, centre_rescue=rescue)
+    checked = {k: v for k, v in model_config(build_mask_rcnn(**config)).items() if k.startswith("centre")}
+    fresh = CentreNet(in_channels=config["in_channels"], channels=checked["centre_net_channels"])
+    fresh.load_state_dict(centre_net.state_dict())
+    device = next(model.parameters()).device
+    model.centre_net = fresh.to(device).train(model.training)
+    config.update(checked)
+    model.deblend_config = config
+    return model
+
+
+def centre_boxes(model, images, image_sizes):
+    """Proposals around the maxima of the model's centre heatmap, for each image of a batch.
+
+    Parameters
+    ----------
+    model : torchvision.models.detection.MaskRCNN
+        With a centre detector (:func:`attach_centre_net`) and
+        ``centre_proposals`` > 0.
+    images : Tensor, shape (batch, 1, ny, nx)
+        The padded batch the backbone sees.
+    image_sizes : list of (int, int)
+        Each image's unpadded size.
+
+    Returns
+    -------
+    list of (boxes, values)
+        Per image: ``(2 n, 4)`` boxes (`PEAK_BOX_SIZES`: all the first size's,
+        then all the second's, one per centre in the same order) and the ``n``
+        centres' heatmap values, highest first.
+    """
+    config = model.deblend_config
+    heat = torch.sigmoid(model.centre_net(images).float())[:, 0]
+    half = torch.as_tensor(PEAK_BOX_SIZES, dtype=heat.dtype, device=heat.device)[:, None] / 2
+    out = []
+    for (ny, nx), (xs, ys, values) in zip(image_sizes, centre_peaks(
+            heat, threshold=config["centre_threshold"], max_centres=config["centre_proposals"]), strict=True):
+        inside = (xs < nx) & (ys < ny)
+        xs, ys, values = xs[inside], ys[inside], values[inside]
+        out.append((_square_boxes(xs, ys, half, ny, nx), values))
+    return out
 
 
 def model_config(model):
