@@ -90,7 +90,10 @@ class Deblender:
     max_overlap : float, optional
         Mask non-maximum suppression: an instance is dropped when more than
         this fraction of its mask is claimed by higher-scoring instances
-        (see `deblend.segment.suppress_duplicates`); 1 disables it.
+        (see `deblend.segment.suppress_duplicates`); 1 disables it. Default:
+        0.5, or 1 for weights whose centre detector decides what is a source
+        (``centre_detect``, `deblend.models.build_mask_rcnn`): its centres are
+        distinct sources already.
     companion_distance : float, optional
         The mask NMS keeps an instance it would drop as a duplicate when its
         centre is at least this many pixels from the centres of the
@@ -146,7 +149,7 @@ class Deblender:
     def __init__(self, method="mask-rcnn", *, thresh=None, minarea=None, deblend_nthresh=None,
                  deblend_cont=None, method_options=None, box_size=64, filter_size=3, seed=0,
                  device="cpu", half=False, weights=None, batch_size=4, window_size=256, overlap=48,
-                 score_threshold=None, max_overlap=0.5, companion_distance=None,
+                 score_threshold=None, max_overlap=None, companion_distance=None,
                  split_crowded=True, coarse_pass=False, tta=False,
                  refine=None, n_samples=16,
                  refine_weights=None, save_samples=False, seg_err_scale=None, claim_threshold=None):
@@ -191,7 +194,7 @@ class Deblender:
                 score_threshold = SCORE_THRESHOLD
             if not 0 <= score_threshold <= 1:
                 raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold!r}")
-            if not 0 < max_overlap <= 1:
+            if max_overlap is not None and not 0 < max_overlap <= 1:
                 raise ValueError(f"max_overlap must be in (0, 1], got {max_overlap!r}")
             if int(batch_size) != batch_size or batch_size < 1:
                 raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -205,6 +208,9 @@ class Deblender:
                            companion_distance=companion_distance,
                            split_crowded=bool(split_crowded), coarse_pass=bool(coarse_pass), tta=bool(tta))
             self._load_model(weights)
+            if max_overlap is None:
+                centres_decide = getattr(self.model, "deblend_config", {}).get("centre_detect", False)
+                options["max_overlap"] = 1.0 if centres_decide else 0.5
         self.seg_err_scale = self.claim_threshold = None
         if self.refine:
             self._load_refiner(refine_weights)

@@ -42,7 +42,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.ops import boxes as box_ops
 from tqdm.auto import tqdm
 
-from deblend.models.mask_rcnn import CENTRE_RESCUE_DISTANCE, CLASS_NAMES, centre_boxes, paste_mask_crops
+from deblend.models.mask_rcnn import CENTRE_MATCH_DISTANCE, CLASS_NAMES, centre_boxes, paste_mask_crops
 from deblend.models.precision import autocast, check_half
 from deblend.tiling import has_signal, iter_batches, make_windows, split_window
 
@@ -247,71 +247,66 @@ def _postprocess_detections(roi_heads, candidates):
     return out
 
 
-def _rescue_centres(candidates, kept, centres, first, *, threshold, min_score=0.0,
-                    distance=CENTRE_RESCUE_DISTANCE):
-    """Add to the kept candidates the confident centres no kept box is centred on.
+def _centre_detections(candidates, kept, centres, first, *, threshold, distance=CENTRE_MATCH_DISTANCE):
+    """Detections decided by the centre detector: one per heatmap maximum scoring ``threshold`` or more.
 
-    A centre of the centre detector (`deblend.models.mask_rcnn.centre_boxes`)
-    whose heatmap value is at least ``threshold`` and which is farther than
-    ``distance`` pixels from the centre of every kept box scoring at least
-    ``min_score`` (and of every centre rescued before it) becomes a detection: of its two proposals, the one the
-    box head scored higher, with that proposal's refined box (the proposal
-    itself when the refinement moved it more than ``distance``, onto a
-    neighbour), class and class probability, and ``det_score`` the larger of
-    the box head's score and the heatmap value.
+    Each centre (`deblend.models.mask_rcnn.centre_boxes`), highest first,
+    takes its box, class and class probability from the highest-scoring kept
+    box-head detection whose box centre lies within ``distance`` pixels and
+    that no higher centre took; a centre with none takes them from its own
+    two proposals (the one the box head scored higher, refined, or the
+    proposal itself when the refinement moved it more than ``distance``,
+    onto a neighbour). Its ``det_score`` is its heatmap value.
 
     Parameters
     ----------
     candidates : list of (boxes, labels, class_prob, det_score)
         `_candidates`, per image.
     kept : list of Tensor
-        Indices of the kept candidates, per image (`_postprocess_detections`).
+        Indices of the candidates kept by `_postprocess_detections`, per image.
     centres : list of (boxes, values)
         `centre_boxes`, per image.
     first : list of int
         Index of each image's first centre proposal among its candidates.
     threshold : float
-        Lowest heatmap value of a rescued centre.
-    min_score : float, optional
-        Kept boxes scoring lower (which the caller will drop) do not stand
-        for a source.
+        Lowest heatmap value of a detected centre.
     distance : float, optional
 
     Returns
     -------
     list of (boxes, labels, class_prob, det_score)
-        Per image, the kept detections followed by the rescued ones.
     """
     out = []
     for (boxes, labels, class_prob, det_score), keep, (proposals, values), start in zip(
             candidates, kept, centres, first, strict=True):
         n = len(values)
-        sure = keep[det_score[keep] >= min_score]
-        points = 0.5 * (boxes[sure, :2] + boxes[sure, 2:])
-        rescued, scores, rescued_boxes = [], [], []
         small = proposals[:n]
         centre_xy = 0.5 * (small[:, :2] + small[:, 2:])
-        for k in torch.nonzero(values >= threshold).flatten().tolist():
-            xy = centre_xy[k]
-            if len(points) and float(torch.linalg.vector_norm(points - xy, dim=1).min()) <= distance:
-                continue
-            pair = torch.tensor([start + k, start + n + k], device=boxes.device)
-            best = pair[det_score[pair].argmax()]
-            box = boxes[best]
-            if float(torch.linalg.vector_norm(0.5 * (box[:2] + box[2:]) - xy)) > distance:
-                box = small[k]
-            rescued.append(best)
-            rescued_boxes.append(box)
-            scores.append(torch.maximum(det_score[best], values[k]))
-            points = torch.cat([points, xy[None]])
-        if rescued:
-            index = torch.stack(rescued)
-            out.append((torch.cat([boxes[keep], torch.stack(rescued_boxes)]),
-                        torch.cat([labels[keep], labels[index]]),
-                        torch.cat([class_prob[keep], class_prob[index]]),
-                        torch.cat([det_score[keep], torch.stack(scores).to(det_score.dtype)])))
+        keep = keep[det_score[keep].argsort(descending=True)]
+        near = torch.cdist(centre_xy, 0.5 * (boxes[keep, :2] + boxes[keep, 2:])) <= distance
+        free = torch.ones(len(keep), dtype=torch.bool, device=boxes.device)
+        chosen, chosen_boxes = [], []
+        selected = torch.nonzero(values >= threshold).flatten().tolist()
+        for k in selected:
+            options = torch.nonzero(near[k] & free).flatten()
+            if len(options):  # the box head's own detection of this source
+                free[options[0]] = False
+                best = keep[options[0]]
+                box = boxes[best]
+            else:
+                pair = torch.tensor([start + k, start + n + k], device=boxes.device)
+                best = pair[det_score[pair].argmax()]
+                box = boxes[best]
+                if float(torch.linalg.vector_norm(0.5 * (box[:2] + box[2:]) - centre_xy[k])) > distance:
+                    box = small[k]
+            chosen.append(best)
+            chosen_boxes.append(box)
+        if chosen:
+            index = torch.stack(chosen)
+            out.append((torch.stack(chosen_boxes), labels[index], class_prob[index],
+                        values[selected].to(det_score.dtype)))
         else:
-            out.append((boxes[keep], labels[keep], class_prob[keep], det_score[keep]))
+            out.append(tuple(t[:0] for t in (boxes, labels, class_prob, det_score)))
     return out
 
 
@@ -376,9 +371,8 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None, crowded_score
                                              heads.box_roi_pool(features, proposals, image_list.image_sizes))
     candidates = _candidates(heads, class_logits, box_regression, proposals, image_list.image_sizes)
     kept = _postprocess_detections(heads, candidates)
-    if centres is not None and config.get("centre_rescue") is not None:
-        per_image = _rescue_centres(candidates, kept, centres, first, threshold=config["centre_rescue"],
-                                    min_score=score_threshold)
+    if centres is not None and config.get("centre_detect"):  # the centres alone decide what is a source
+        per_image = _centre_detections(candidates, kept, centres, first, threshold=score_threshold)
     else:
         per_image = [tuple(t[keep] for t in c) for c, keep in zip(candidates, kept, strict=True)]
     crowded_score = score_threshold if crowded_score is None else crowded_score

@@ -8,8 +8,8 @@ slope, `deblend.models.peak_boxes`), ``--rpn-test-top-n PRE,POST``
 sets how many RPN proposals are kept (`deblend.models.set_test_proposals`), and
 ``--centre-net FILE`` attaches a centre detector trained by ``pipelines/train_centre_net.py``
 (`deblend.models.attach_centre_net`): boxes around up to ``--centre-proposals`` maxima of its
-heatmap above ``--centre-threshold`` join the proposals, and with ``--centre-rescue V`` a centre
-of heatmap value >= V that no kept box sits on becomes a detection. The new file
+heatmap above ``--centre-threshold`` join the proposals, and with ``--centre-detect`` the centres
+alone decide what is a source (``deblend.models.build_mask_rcnn``). The new file
 gets a model card beside it: the input's card with the options recorded under
 ``inference_options`` (and the input file's name and sha256), and its metrics cleared
 until `pipelines/benchmark_quality.py` measures them again.
@@ -18,7 +18,8 @@ Usage (from the repository root):
     .venv/bin/python pipelines/set_inference_options.py runs/mask_rcnn_stage10.pt --peak-proposals 100 \
         [--contrast-peak-proposals 100] --out runs/mask_rcnn_stage10_peaks.pt
     .venv/bin/python pipelines/set_inference_options.py deblend/weights/mask_rcnn_small.pt \
-        --centre-net runs/centre_net.pt --centre-proposals 100 --centre-rescue 0.5 --out runs/with_centres.pt
+        --centre-net runs/centre_net.pt --centre-proposals 200 --centre-threshold 0.2 --centre-detect \
+        --out runs/with_centres.pt
 """
 
 import argparse
@@ -34,7 +35,7 @@ from deblend.models import (
     set_peak_proposals,
     set_test_proposals,
 )
-from deblend.models.centre_net import load_centre_net
+from deblend.models.centre_net import load_centre_net, shift_operating_point
 
 log = logging.getLogger("set_inference_options")
 
@@ -54,9 +55,11 @@ def main(argv=None):
                    help="with --centre-net: centre proposals per window (default 100)")
     p.add_argument("--centre-threshold", type=float, default=0.3, metavar="V",
                    help="with --centre-net: lowest heatmap value of a proposed centre (default 0.3)")
-    p.add_argument("--centre-rescue", type=float, default=None, metavar="V",
-                   help="with --centre-net: keep centres of heatmap value >= V no kept box sits on "
-                        "(default: no rescue)")
+    p.add_argument("--centre-operating-point", type=float, default=None, metavar="V",
+                   help="with --centre-net: shift its output so that heatmap value V reads 0.5 "
+                        "(deblend.models.centre_net.shift_operating_point)")
+    p.add_argument("--centre-detect", action="store_true",
+                   help="with --centre-net: the centres alone decide what is a source")
     p.add_argument("--out", required=True, help="the new weights file (its card is written beside it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -80,8 +83,10 @@ def main(argv=None):
             set_test_proposals(model, int(values[0]), int(values[1]))
         if args.centre_net is not None:
             centre_net = load_centre_net(args.centre_net)
+            if args.centre_operating_point is not None:
+                shift_operating_point(centre_net, args.centre_operating_point)
             attach_centre_net(model, centre_net, proposals=args.centre_proposals,
-                              threshold=args.centre_threshold, rescue=args.centre_rescue)
+                              threshold=args.centre_threshold, detect=args.centre_detect)
     except ValueError as error:
         p.error(str(error))
     config = model_config(model)
@@ -91,7 +96,8 @@ def main(argv=None):
                "from": {"file": source.name, "sha256": model.deblend_sha256}}
     if config.get("centre_net_channels") is not None:
         options["centre_net"] = {"proposals": config["centre_proposals"], "threshold": config["centre_threshold"],
-                                 "rescue": config["centre_rescue"]}
+                                 "detect": config["centre_detect"],
+                                 "operating_point": args.centre_operating_point}
         if args.centre_net is not None:
             options["centre_net"]["card"] = centre_net.deblend_card
     metadata = {**model.deblend_metadata, "name": out.stem, "inference_options": options}
@@ -100,7 +106,8 @@ def main(argv=None):
     card.update({"name": out.stem, "weights_file": out.name, "sha256": sha, "inference_options": options,
                  "metrics": None, "metrics_note": "filled in by pipelines/benchmark_quality.py"})
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    log.info("wrote %s (sha256 %s) and its card: %s", out, sha[:12], options)
+    log.info("wrote %s (sha256 %s) and its card: %s", out, sha[:12],
+             {k: v for k, v in options.items() if k != "centre_net"})
 
 
 if __name__ == "__main__":

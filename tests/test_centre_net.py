@@ -116,3 +116,32 @@ def test_save_and_load_keep_the_network_and_card(tmp_path):
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt.*save_centre_net"):
         load_centre_net(tmp_path / "other.pt")
+
+
+def test_save_accepts_a_card_with_the_torch_version():
+    import tempfile
+    from pathlib import Path
+
+    from deblend.models.centre_net import load_centre_net, save_centre_net
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.pt"
+        save_centre_net(CentreNet(channels=(4, 8)), path, card={"torch": torch.__version__})
+        assert load_centre_net(path).deblend_card["torch"] == str(torch.__version__)
+
+
+def test_shift_operating_point_maps_the_value_to_one_half_and_keeps_the_order():
+    from deblend.models.centre_net import shift_operating_point
+
+    torch.manual_seed(0)
+    net = CentreNet(channels=(4, 8)).eval()
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        before = torch.sigmoid(net(x))
+        shift_operating_point(net, 0.4)
+        after = torch.sigmoid(net(x))
+    expected = torch.sigmoid(torch.logit(before.double()) - np.log(0.4 / 0.6)).float()
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(before.flatten().argsort(), after.flatten().argsort())
+    with pytest.raises(ValueError, match="value"):
+        shift_operating_point(net, 1.0)

@@ -562,13 +562,13 @@ def test_centre_net_is_attached_saved_and_loaded_whole(tmp_path):
 
     torch.manual_seed(0)
     centre_net = CentreNet(channels=(4, 8))
-    model = attach_centre_net(build_mask_rcnn(seed=0), centre_net, proposals=7, threshold=0.2, rescue=0.6)
+    model = attach_centre_net(build_mask_rcnn(seed=0), centre_net, proposals=7, threshold=0.2, detect=True)
     config = model_config(model)
     assert (config["centre_net_channels"], config["centre_proposals"], config["centre_threshold"],
-            config["centre_rescue"]) == ((4, 8), 7, 0.2, 0.6)
+            config["centre_detect"]) == ((4, 8), 7, 0.2, True)
     save_weights(model, tmp_path / "m.pt", metadata={})
     loaded = load_weights(tmp_path / "m.pt")
-    assert model_config(loaded)["centre_rescue"] == 0.6
+    assert model_config(loaded)["centre_detect"] is True
     image = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         # weights are stored in float16: the loaded detector is the attached one to that precision
@@ -580,7 +580,7 @@ def test_centre_net_is_attached_saved_and_loaded_whole(tmp_path):
     ({"centre_proposals": 5}, "centre detector"),
     ({"centre_net_channels": (8,)}, "centre_net_channels"),
     ({"centre_net_channels": (4, 8), "centre_threshold": 0.0}, "centre_threshold"),
-    ({"centre_net_channels": (4, 8), "centre_rescue": 1.5}, "centre_rescue"),
+    ({"centre_net_channels": (4, 8), "centre_detect": True}, "centre_detect"),
 ])
 def test_centre_options_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -205,6 +205,20 @@ def test_mask_rcnn_method_adds_class_columns(untrained_weights):
     assert result.weights_id and result.method == "mask-rcnn"
 
 
+def test_mask_nms_is_off_by_default_only_when_centres_decide(untrained_weights, tmp_path):
+    from deblend.models import attach_centre_net, load_weights, save_weights
+    from deblend.models.centre_net import CentreNet
+
+    assert Deblender("mask-rcnn", weights=untrained_weights, refine=False).options["max_overlap"] == 0.5
+    model = attach_centre_net(load_weights(untrained_weights), CentreNet(channels=(4, 8)), proposals=5,
+                              detect=True)
+    save_weights(model, tmp_path / "centres.pt", metadata={})
+    deciding = Deblender("mask-rcnn", weights=tmp_path / "centres.pt", refine=False)
+    assert deciding.options["max_overlap"] == 1.0
+    assert Deblender("mask-rcnn", weights=tmp_path / "centres.pt", refine=False,
+                     max_overlap=0.6).options["max_overlap"] == 0.6
+
+
 @pytest.mark.filterwarnings("ignore::deblend.exceptions.NoSourcesWarning")  # noise only
 def test_split_crowded_option_reaches_detect(untrained_weights, monkeypatch):
     import deblend.segment

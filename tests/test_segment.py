@@ -13,7 +13,7 @@ from deblend.segment import (
     ROI_BUCKET,
     Instances,
     _bucketed,
-    _rescue_centres,
+    _centre_detections,
     crowded_limit,
     detect,
     instances_to_labels,
@@ -719,53 +719,55 @@ def test_mask_rcnn_in_float16_keeps_boxes_scores_and_masks_in_float32():
             assert np.abs(a - b).max() < 0.1  # float16 logits: soft values within 0.1
 
 
-def _candidates_for_rescue():
-    """One image: two RPN candidates (one kept, centred at (10, 10)) and two centres' proposals."""
+def _candidates_for_centres():
+    """One image: two box-head candidates (kept, the first centred at (10, 10)) and two centres' proposals."""
     boxes = torch.tensor([
-        [7.0, 7.0, 13.0, 13.0],    # 0: kept, centre (10, 10)
-        [30.0, 30.0, 36.0, 36.0],  # 1: not kept
-        [18.0, 18.0, 24.0, 24.0],  # 2: centre A, 6-px proposal refined in place, centre (21, 21)
-        [9.0, 9.0, 12.0, 12.0],    # 3: centre B (10.5, 10.5), next to the kept box
-        [17.0, 17.0, 25.0, 25.0],  # 4: centre A, 12-px proposal, refined
-        [5.0, 5.0, 17.0, 17.0],    # 5: centre B, 12-px proposal
+        [7.0, 7.0, 13.0, 13.0],    # 0: kept box-head detection, centre (10, 10)
+        [30.0, 30.0, 36.0, 36.0],  # 1: kept, centre (33, 33), far from every centre
+        [18.0, 18.0, 24.0, 24.0],  # 2: centre A's 6-px proposal, refined in place, centre (21, 21)
+        [9.0, 9.0, 12.0, 12.0],    # 3: centre B's 6-px proposal, centre (10.5, 10.5)
+        [17.0, 17.0, 25.0, 25.0],  # 4: centre A's 12-px proposal, refined
+        [5.0, 5.0, 17.0, 17.0],    # 5: centre B's 12-px proposal
     ])
-    labels = torch.tensor([2, 2, 1, 2, 2, 2])
+    labels = torch.tensor([2, 1, 1, 2, 2, 2])
     class_prob = torch.tensor([0.9, 0.5, 0.35, 0.3, 0.2, 0.3])
-    det_score = torch.tensor([0.95, 0.2, 0.4, 0.3, 0.25, 0.3])
+    det_score = torch.tensor([0.95, 0.6, 0.4, 0.3, 0.25, 0.3])
     proposals = torch.tensor([[18.0, 18.0, 24.0, 24.0], [7.5, 7.5, 13.5, 13.5],
                               [15.0, 15.0, 27.0, 27.0], [4.5, 4.5, 16.5, 16.5]])
-    return [(boxes, labels, class_prob, det_score)], [torch.tensor([0])], [(proposals, torch.tensor([0.9, 0.95]))]
+    return ([(boxes, labels, class_prob, det_score)], [torch.tensor([0, 1])],
+            [(proposals, torch.tensor([0.9, 0.7]))])
 
 
-def test_rescue_keeps_a_confident_centre_no_kept_box_is_on():
-    candidates, kept, centres = _candidates_for_rescue()
-    ((boxes, labels, class_prob, det_score),) = _rescue_centres(candidates, kept, centres, [2], threshold=0.5)
-    # centre B is within 2 px of the kept box's centre: not a new source; centre A is rescued
-    assert boxes.tolist() == [[7.0, 7.0, 13.0, 13.0], [18.0, 18.0, 24.0, 24.0]]
-    assert labels.tolist() == [2, 1]  # the better-scored of A's two proposals (index 2) gives the class
-    assert class_prob.tolist() == pytest.approx([0.9, 0.35])
-    assert det_score.tolist() == pytest.approx([0.95, 0.9])  # max(box head 0.4, heatmap 0.9)
-    # below the rescue threshold nothing is added
-    ((boxes, *_),) = _rescue_centres(candidates, kept, centres, [2], threshold=0.92)
+def test_centres_decide_and_take_the_box_heads_detection_of_their_source():
+    candidates, kept, centres = _candidates_for_centres()
+    ((boxes, labels, class_prob, det_score),) = _centre_detections(candidates, kept, centres, [2], threshold=0.5)
+    # centre A (0.9) has no box-head detection near it: its better-scored proposal (index 2);
+    # centre B (0.7) takes the kept detection 0, 0.7 px away; detection 1 has no centre and is dropped
+    assert boxes.tolist() == [[18.0, 18.0, 24.0, 24.0], [7.0, 7.0, 13.0, 13.0]]
+    assert labels.tolist() == [1, 2] and class_prob.tolist() == pytest.approx([0.35, 0.9])
+    assert det_score.tolist() == pytest.approx([0.9, 0.7])  # the heatmap values
+    ((boxes, *_),) = _centre_detections(candidates, kept, centres, [2], threshold=0.8)
     assert len(boxes) == 1
+    ((boxes, *_),) = _centre_detections(candidates, kept, centres, [2], threshold=0.95)
+    assert len(boxes) == 0
 
 
-def test_rescue_uses_the_proposal_when_the_refined_box_moved_to_a_neighbour():
-    candidates, kept, centres = _candidates_for_rescue()
+def test_centre_detection_uses_the_proposal_when_the_refined_box_moved_to_a_neighbour():
+    candidates, kept, centres = _candidates_for_centres()
     boxes = candidates[0][0].clone()
     boxes[2] = torch.tensor([26.0, 26.0, 32.0, 32.0])  # refined onto something 8 px away
     candidates = [(boxes, *candidates[0][1:])]
-    ((out, *_),) = _rescue_centres(candidates, kept, centres, [2], threshold=0.5)
-    assert out[1].tolist() == [18.0, 18.0, 24.0, 24.0]
+    ((out, *_),) = _centre_detections(candidates, kept, centres, [2], threshold=0.5)
+    assert out[0].tolist() == [18.0, 18.0, 24.0, 24.0]
 
 
-def test_rescued_centres_do_not_rescue_each_other():
-    candidates, _, centres = _candidates_for_rescue()
-    proposals = torch.tensor([[18.0, 18.0, 24.0, 24.0], [19.0, 18.0, 25.0, 24.0],
-                              [15.0, 15.0, 27.0, 27.0], [16.0, 15.0, 28.0, 27.0]])  # 1 px apart
-    ((boxes, *_),) = _rescue_centres(candidates, [torch.tensor([0])], [(proposals, torch.tensor([0.9, 0.8]))],
-                                     [2], threshold=0.5)
-    assert len(boxes) == 2
+def test_two_centres_do_not_share_one_box_head_detection():
+    candidates, kept, _ = _candidates_for_centres()
+    proposals = torch.tensor([[7.0, 7.0, 13.0, 13.0], [8.0, 7.0, 14.0, 13.0],
+                              [4.0, 4.0, 16.0, 16.0], [5.0, 4.0, 17.0, 16.0]])  # centres 1 px apart, on box 0
+    ((boxes, *_),) = _centre_detections(candidates, kept, [(proposals, torch.tensor([0.9, 0.8]))], [2],
+                                        threshold=0.5)
+    assert len(boxes) == 2 and boxes[0].tolist() == [7.0, 7.0, 13.0, 13.0]  # the higher centre gets it
 
 
 class _FixedCentres(nn.Module):
@@ -777,7 +779,7 @@ class _FixedCentres(nn.Module):
         return logits
 
 
-def test_detect_with_a_centre_detector_and_rescue():
+def test_detect_with_centres_deciding():
     from deblend.models.centre_net import CentreNet
     from deblend.models.mask_rcnn import attach_centre_net
 
@@ -786,11 +788,11 @@ def test_detect_with_a_centre_detector_and_rescue():
     image = _scene(shape, [(30.0, 40.0, 30.0, 2.0)], seed=5)
     model = attach_centre_net(build_mask_rcnn(seed=0), CentreNet(channels=(4, 8)), proposals=20, threshold=0.5)
     model.centre_net = _FixedCentres()
-    kwargs = {"model": model, "window_size": 64, "overlap": 16, "skip_empty": False, "score_threshold": 0.99}
-    assert len(detect(image, **kwargs)) == 0  # the untrained box head is never that sure
-    model.deblend_config["centre_rescue"] = 0.9
-    rescued = detect(image, **kwargs)
-    _check_well_formed(rescued, shape)
-    assert len(rescued) == 2 and (rescued.det_score > 0.99).all()
-    boxes = np.sort(0.5 * (rescued.boxes[:, :2] + rescued.boxes[:, 2:]), axis=0)
+    kwargs = {"model": model, "window_size": 64, "overlap": 16, "skip_empty": False}
+    assert len(detect(image, **kwargs)) > 2  # the untrained box head decides: detections everywhere
+    model.deblend_config["centre_detect"] = True
+    found = detect(image, **kwargs)
+    _check_well_formed(found, shape)
+    assert len(found) == 2 and (found.det_score > 0.99).all()
+    boxes = np.sort(0.5 * (found.boxes[:, :2] + found.boxes[:, 2:]), axis=0)
     np.testing.assert_allclose(boxes, [[20.5, 20.5], [45.5, 30.5]], atol=2.0)

@@ -75,12 +75,18 @@ def test_a_centre_detector_is_attached_with_its_settings(tmp_path):
     source, out, centre = _trained(tmp_path), tmp_path / "centres.pt", tmp_path / "centre_net.pt"
     torch.manual_seed(0)
     save_centre_net(CentreNet(channels=(4, 8)), centre, card={"name": "centre_net", "recipe": {"steps_done": 3}})
-    result = _run(source, "--centre-net", centre, "--centre-proposals", 50, "--centre-rescue", 0.6, "--out", out)
+    result = _run(source, "--centre-net", centre, "--centre-proposals", 50, "--centre-detect",
+                  "--centre-operating-point", 0.4, "--out", out)
     assert result.returncode == 0, result.stderr
-    config = model_config(load_weights(out))
+    loaded = load_weights(out)
+    config = model_config(loaded)
     assert (config["centre_net_channels"], config["centre_proposals"], config["centre_threshold"],
-            config["centre_rescue"]) == ((4, 8), 50, 0.3, 0.6)
+            config["centre_detect"]) == ((4, 8), 50, 0.3, True)
+    bias = torch.load(centre, weights_only=True)["state_dict"]["head.bias"].float()
+    shifted = bias - torch.log(torch.tensor(0.4 / 0.6))  # heatmap value 0.4 now reads 0.5
+    torch.testing.assert_close(loaded.centre_net.head.bias, shifted, atol=2e-3, rtol=2e-3)
     options = json.loads(out.with_suffix(".json").read_text())["inference_options"]["centre_net"]
-    assert options["rescue"] == 0.6 and options["card"]["recipe"] == {"steps_done": 3}
-    bad = _run(source, "--centre-net", centre, "--centre-rescue", 2, "--out", tmp_path / "bad.pt")
-    assert bad.returncode != 0 and "centre_rescue" in bad.stderr and not (tmp_path / "bad.pt").exists()
+    assert options["detect"] is True and options["operating_point"] == 0.4
+    assert options["card"]["recipe"] == {"steps_done": 3}
+    bad = _run(source, "--centre-net", centre, "--centre-threshold", 2, "--out", tmp_path / "bad.pt")
+    assert bad.returncode != 0 and "centre_threshold" in bad.stderr and not (tmp_path / "bad.pt").exists()

@@ -13,6 +13,7 @@ Numpy at the surface (`centre_heatmap`, `find_centres`, `centre_targets`),
 torch inside (`CentreNet`, `centre_focal_loss`).
 """
 
+import json
 import logging
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "find_centres",
     "load_centre_net",
     "save_centre_net",
+    "shift_operating_point",
 ]
 
 log = logging.getLogger(__name__)
@@ -238,6 +240,31 @@ def find_centres(heatmap, *, threshold=0.3, window=3):
     return xs.numpy(), ys.numpy(), values.numpy()
 
 
+def shift_operating_point(model, value):
+    """Shift a `CentreNet`'s output so that heatmap value ``value`` reads 0.5 (in place).
+
+    The head's bias is lowered by ``logit(value)``: the order of the heatmap
+    values is unchanged, and a score threshold of 0.5 (deblend's default)
+    then keeps the centres the unshifted network scored ``value`` or more.
+
+    Parameters
+    ----------
+    model : CentreNet
+    value : float
+        In (0, 1).
+
+    Returns
+    -------
+    CentreNet
+        ``model``.
+    """
+    if not (isinstance(value, (int, float)) and 0 < value < 1):
+        raise ValueError(f"value must be a heatmap value in (0, 1), got {value!r}; e.g. 0.4")
+    with torch.no_grad():
+        model.head.bias -= float(np.log(value / (1 - value)))
+    return model
+
+
 def save_centre_net(model, path, *, card):
     """Write a trained `CentreNet` (float16 weights) and its card to ``path``.
 
@@ -249,7 +276,11 @@ def save_centre_net(model, path, *, card):
         Provenance (data, recipe, hardware) of plain Python types; the
         architecture is added under ``"architecture"``.
     """
-    card = {**card, "architecture": {"class": "deblend.models.centre_net.CentreNet", **model.config}}
+    try:  # plain types only, so that weights_only loading reads it (torch.__version__ is not a str)
+        card = json.loads(json.dumps({**card, "architecture": {"class": "deblend.models.centre_net.CentreNet",
+                                                               **model.config}}, default=str))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"card must be a dict of plain types (str, numbers, lists, dicts): {error}") from error
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "card": card}, path)
 

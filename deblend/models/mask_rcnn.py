@@ -492,7 +492,7 @@ def build_mask_rcnn(
     centre_net_channels=None,
     centre_proposals=0,
     centre_threshold=0.3,
-    centre_rescue=None,
+    centre_detect=False,
     trainable_backbone_layers=5,
     seed=None,
 ):
@@ -560,11 +560,13 @@ def build_mask_rcnn(
         0 (default) adds none.
     centre_threshold : float, optional
         Lowest heatmap value of a centre that gets proposals.
-    centre_rescue : float, optional
-        A centre whose heatmap value reaches this, with no detection within
-        `CENTRE_RESCUE_DISTANCE` pixels, is kept as a detection even when the
-        box head scored it below the threshold or NMS removed it
-        (``deblend.segment``). None (default): no rescue.
+    centre_detect : bool, optional
+        The centres alone decide what is a source: the detections are the
+        heatmap maxima scoring at least the caller's score threshold, with
+        ``det_score`` their heatmap value, and box, class and mask from the
+        box head's detection of the same source or, with none, from the
+        heads given the centre's proposals (``deblend.segment``). False
+        (default): the box head decides, the centres only add proposals.
     trainable_backbone_layers : int, optional
         How many backbone units, counted from the top (layer4, layer3, layer2,
         layer1, stem), are trained; the rest are frozen (parameters and
@@ -652,9 +654,10 @@ def build_mask_rcnn(
                          "centre_net_channels (or attach one with attach_centre_net)")
     centre_threshold = _check_fraction("centre_threshold", centre_threshold, closed_low=False,
                                        hint=" (a heatmap value, e.g. 0.3)")
-    if centre_rescue is not None:
-        centre_rescue = _check_fraction("centre_rescue", centre_rescue, closed_low=False,
-                                        hint=" (a heatmap value, e.g. 0.5; None for no rescue)")
+    if centre_detect and not centre_proposals:
+        raise ValueError("centre_detect=True needs centre_proposals > 0 (the centres it detects); "
+                         "e.g. centre_proposals=200")
+    centre_detect = bool(centre_detect)
     if not _is_int(trainable_backbone_layers) or not 0 <= trainable_backbone_layers <= 5:
         raise ValueError(
             f"trainable_backbone_layers must be an integer in [0, 5], got "
@@ -682,7 +685,7 @@ def build_mask_rcnn(
         "centre_net_channels": centre_net_channels,
         "centre_proposals": centre_proposals,
         "centre_threshold": centre_threshold,
-        "centre_rescue": centre_rescue,
+        "centre_detect": centre_detect,
         "trainable_backbone_layers": trainable_backbone_layers,
         "seed": seed,
     }
@@ -940,12 +943,12 @@ def set_peak_proposals(model, max_peaks, *, max_contrast_peaks=None):
     return model
 
 
-#: A rescued centre (``centre_rescue``) must be farther than this many pixels from the centre of
-#: every box the box head kept: nearer, that box already is its source.
-CENTRE_RESCUE_DISTANCE = 2.0
+#: A detected centre (``centre_detect``) takes the box of a box-head detection centred within this
+#: many pixels of it: that detection is the same source.
+CENTRE_MATCH_DISTANCE = 2.0
 
 
-def attach_centre_net(model, centre_net, *, proposals=100, threshold=0.3, rescue=None):
+def attach_centre_net(model, centre_net, *, proposals=100, threshold=0.3, detect=False):
     """Give a Mask R-CNN a trained centre detector and set how inference uses it.
 
     Like `set_peak_proposals`, the settings are part of the model's
@@ -958,9 +961,9 @@ def attach_centre_net(model, centre_net, *, proposals=100, threshold=0.3, rescue
         From :func:`build_mask_rcnn` or :func:`load_weights`; changed in place.
     centre_net : deblend.models.centre_net.CentreNet
         Trained (``pipelines/train_centre_net.py``); copied into ``model.centre_net``.
-    proposals, threshold, rescue
+    proposals, threshold, detect
         :func:`build_mask_rcnn`'s ``centre_proposals``, ``centre_threshold`` and
-        ``centre_rescue``.
+        ``centre_detect``.
 
     Returns
     -------
@@ -972,7 +975,7 @@ def attach_centre_net(model, centre_net, *, proposals=100, threshold=0.3, rescue
                          f"{type(centre_net).__name__}")
     config = model_config(model)
     config.update(centre_net_channels=tuple(centre_net.config["channels"]), centre_proposals=proposals,
-                  centre_threshold=threshold, centre_rescue=rescue)
+                  centre_threshold=threshold, centre_detect=detect)
     checked = {k: v for k, v in model_config(build_mask_rcnn(**config)).items() if k.startswith("centre")}
     fresh = CentreNet(in_channels=config["in_channels"], channels=checked["centre_net_channels"])
     fresh.load_state_dict(centre_net.state_dict())
