@@ -8,7 +8,10 @@ other networks (``deblend.training.fit``). Uses a GPU when there is one.
 
 Usage (from the repository root):
     .venv/bin/python pipelines/train_centre_net.py --n-train 4000 --train-seed 20 \
-        --max-minutes 70 --out runs/centre_net.pt
+        --max-minutes 60 --out runs/centre_net.pt                                  # stage 1
+    .venv/bin/python pipelines/train_centre_net.py --init-from runs/centre_net.pt --n-train 4000 \
+        --train-seed 22 --lr 1e-3 --max-minutes 45 --checkpoints runs/checkpoints/centre_net2 \
+        --out runs/centre_net2.pt                                                    # stage 2
 """
 
 import argparse
@@ -23,7 +26,13 @@ import numpy as np
 import torch
 
 from deblend import __version__
-from deblend.models.centre_net import CentreNet, centre_focal_loss, centre_targets, save_centre_net
+from deblend.models.centre_net import (
+    CentreNet,
+    centre_focal_loss,
+    centre_targets,
+    load_centre_net,
+    save_centre_net,
+)
 from deblend.training import ConditionRanges, TrainConfig, fit, hardware_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,6 +78,8 @@ def main():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-minutes", type=float, default=70.0)
     p.add_argument("--channels", default="16,32,64,96")
+    p.add_argument("--init-from", default=None, metavar="FILE",
+                   help="start from this centre detector (fresh optimiser and schedule; --channels ignored)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cache", default="runs/train_cache")
@@ -88,7 +99,13 @@ def main():
     val = _with_targets(cached_examples(cache / f"centres_val_{args.val_seed}_{args.n_val}.npz",
                                         args.n_val, args.val_seed, args.workers, ranges))
     torch.manual_seed(args.seed)
-    model = CentreNet(channels=tuple(int(c) for c in args.channels.split(",")))
+    init_from = None
+    if args.init_from:
+        model = load_centre_net(args.init_from).train()
+        previous = model.deblend_card
+        init_from = {"file": Path(args.init_from).name, **{k: previous.get(k) for k in ("data", "recipe")}}
+    else:
+        model = CentreNet(channels=tuple(int(c) for c in args.channels.split(",")))
     device = args.device
     val_batches = [_batch(val, range(i, min(i + 16, len(val))), np.random.default_rng(0))
                    for i in range(0, len(val), 16)]
@@ -118,7 +135,7 @@ def main():
                  "conditions": asdict(ranges), "augmentation": "flips and 90-degree rotations"},
         "recipe": {"script": "pipelines/train_centre_net.py", "train_config": asdict(cfg),
                    "steps_done": result["steps"], "stopped_early": result["stopped_early"],
-                   "wall_time_s": round(result["wall_time"], 1), "device": device},
+                   "wall_time_s": round(result["wall_time"], 1), "device": device, "init_from": init_from},
         "hardware": hardware_info(),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "final_val_loss": last_val[-1] if last_val else None,
