@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_mask_rcnn import cached_examples  # noqa: E402  (same scenes and cache as the Mask R-CNN recipe)
 
 log = logging.getLogger("train_centre_net")
+#: The TrainConfig fields deblend.training.fit reads (the rest are the Mask R-CNN's).
+_FIT_SETTINGS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "checkpoint_every",
+                 "log_every", "val_every", "seed", "max_minutes")
 
 
 def _with_targets(examples):
@@ -133,7 +136,8 @@ def main():
         "data": {"simulator": "deblend.simulate (GalSim)", "n_train": args.n_train,
                  "train_seed": args.train_seed, "n_val": args.n_val, "val_seed": args.val_seed,
                  "conditions": asdict(ranges), "augmentation": "flips and 90-degree rotations"},
-        "recipe": {"script": "pipelines/train_centre_net.py", "train_config": asdict(cfg),
+        "recipe": {"script": "pipelines/train_centre_net.py",
+                   "train_config": {k: v for k, v in asdict(cfg).items() if k in _FIT_SETTINGS},
                    "steps_done": result["steps"], "stopped_early": result["stopped_early"],
                    "wall_time_s": round(result["wall_time"], 1), "device": device, "init_from": init_from},
         "hardware": hardware_info(),

@@ -1,0 +1,44 @@
+"""pipelines/train_centre_net.py and compare_centres.py stay runnable: tiny runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from deblend.models.centre_net import load_centre_net
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / "pipelines" / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_two_stage_recipe_and_the_points_comparison(tmp_path):
+    tiny = ["--steps", 2, "--n-train", 3, "--n-val", 2, "--workers", 1, "--max-minutes", 0, "--batch-size", 2,
+            "--cache", tmp_path / "cache", "--channels", "4,8"]
+    first = _run("train_centre_net.py", *tiny, "--checkpoints", tmp_path / "ck1", "--out", tmp_path / "c1.pt")
+    assert first.returncode == 0, first.stderr
+    card = json.loads((tmp_path / "c1.json").read_text())
+    assert card["recipe"]["steps_done"] == 2 and card["recipe"]["init_from"] is None
+    assert card["architecture"]["channels"] == [4, 8]
+
+    second = _run("train_centre_net.py", *tiny, "--checkpoints", tmp_path / "ck2", "--init-from", tmp_path / "c1.pt",
+                  "--lr", 1e-4, "--out", tmp_path / "c2.pt")
+    assert second.returncode == 0, second.stderr
+    card2 = json.loads((tmp_path / "c2.json").read_text())
+    assert card2["recipe"]["init_from"]["file"] == "c1.pt" and card2["recipe"]["train_config"]["lr"] == 1e-4
+    a, b = load_centre_net(tmp_path / "c1.pt").state_dict(), load_centre_net(tmp_path / "c2.pt").state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # trained further...
+    assert max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point()) < 0.05  # ...from c1
+
+    out = tmp_path / "points.md"
+    compared = _run("compare_centres.py", tmp_path / "c2.pt", "--n", 2, "--seed", 9100, "--out", out)
+    assert compared.returncode == 0, compared.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert rows[2].startswith("| pipeline |") and len(rows) == 2 + 1 + 2 * 6
