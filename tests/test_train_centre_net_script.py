@@ -35,8 +35,8 @@ def test_two_stage_recipe_and_the_points_comparison(tmp_path):
     assert card2["recipe"]["init_from"]["file"] == "c1.pt" and card2["recipe"]["train_config"]["lr"] == 1e-4
     a = dict(load_centre_net(tmp_path / "c1.pt").named_parameters())
     b = dict(load_centre_net(tmp_path / "c2.pt").named_parameters())
-    assert any(not torch.equal(a[k], b[k]) for k in a)  # trained further...
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.01  # ...from c1 (two steps at lr 1e-4)
+    assert any(not torch.equal(a[k].detach(), b[k].detach()) for k in a)  # trained further...
+    assert max(float((a[k] - b[k]).detach().abs().max()) for k in a) < 0.01  # ...from c1 (two steps at lr 1e-4)
 
     out = tmp_path / "points.md"
     compared = _run("compare_centres.py", tmp_path / "c2.pt", "--n", 2, "--seed", 9100, "--out", out)
