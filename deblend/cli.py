@@ -71,7 +71,9 @@ def _add_run(sub):
     n.add_argument("--half", action="store_true",
                    help="run the networks in float16 (CUDA GPUs only; faster there, same outputs up to rounding)")
     n.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
-    n.add_argument("--weights", default=None, help="weights name or .pt file (default: the shipped model)")
+    n.add_argument("--weights", default=None,
+                   help="weights name or .pt file (default: the shipped model, mask_rcnn_small; also shipped: "
+                        "mask_rcnn_centres, a centre detector decides what is a source)")
     n.add_argument("--score-threshold", type=float, default=None,
                    help="minimum detection score (default 0.5; with --tta, 0.4 on the fused score)")
     n.add_argument("--companion-distance", type=float, default=None, metavar="PIX",
