@@ -12,6 +12,13 @@ Usage (from the repository root):
     .venv/bin/python pipelines/train_centre_net.py --init-from runs/centre_net.pt --n-train 4000 \
         --train-seed 22 --lr 1e-3 --max-minutes 45 --checkpoints runs/checkpoints/centre_net2 \
         --out runs/centre_net2.pt                                                    # stage 2
+    .venv/bin/python pipelines/train_centre_net.py --init-from deblend/weights/mask_rcnn_centres.pt \
+        --n-train 4000 --train-seed 23 --correlated-fraction 0.8 --lr 1e-3 --steps 8000 --max-minutes 42 \
+        --checkpoints runs/checkpoints/centre_net3 --out runs/centre_net3.pt         # stage 3
+
+``--init-from`` takes a centre detector file or Mask R-CNN weights with one attached (its
+operating-point shift undone). ``--correlated-fraction`` sets the share of training scenes with
+correlated noise (default 0.5); the validation scenes keep 0.5, so validation losses compare.
 """
 
 import argparse
@@ -19,7 +26,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +39,9 @@ from deblend.models.centre_net import (
     centre_targets,
     load_centre_net,
     save_centre_net,
+    shift_operating_point,
 )
+from deblend.models.mask_rcnn import load_weights
 from deblend.training import ConditionRanges, TrainConfig, fit, hardware_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,6 +79,29 @@ def _batch(examples, index, rng):
             torch.from_numpy(np.ascontiguousarray(np.stack(heats)[:, None], dtype=np.float32)))
 
 
+def _initial_centre_net(path):
+    """The centre detector in ``path``: a `save_centre_net` file, or Mask R-CNN weights with one attached.
+
+    From Mask R-CNN weights (e.g. deblend/weights/mask_rcnn_centres.pt) the
+    operating-point shift recorded in their card is undone, so training goes on
+    from the network as it was trained.
+    """
+    try:
+        return load_centre_net(path)
+    except ValueError:
+        pass
+    model = load_weights(path)
+    if getattr(model, "centre_net", None) is None:
+        raise SystemExit(f"--init-from {path}: neither a centre detector (save_centre_net) nor Mask R-CNN "
+                         "weights with one attached (pipelines/set_inference_options.py --centre-net)")
+    options = model.deblend_metadata.get("inference_options", {}).get("centre_net", {})
+    net = model.centre_net
+    if options.get("operating_point") is not None:  # shifting by 1 - v undoes a shift by v
+        shift_operating_point(net, 1.0 - options["operating_point"])
+    net.deblend_card = options.get("card", {})
+    return net
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-train", type=int, default=4000)
@@ -82,7 +114,10 @@ def main():
     p.add_argument("--max-minutes", type=float, default=70.0)
     p.add_argument("--channels", default="16,32,64,96")
     p.add_argument("--init-from", default=None, metavar="FILE",
-                   help="start from this centre detector (fresh optimiser and schedule; --channels ignored)")
+                   help="start from this centre detector, or from the one attached to these Mask R-CNN "
+                        "weights (fresh optimiser and schedule; --channels ignored)")
+    p.add_argument("--correlated-fraction", type=float, default=0.5,
+                   help="fraction of training scenes with correlated noise (default 0.5, the Mask R-CNN's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cache", default="runs/train_cache")
@@ -94,17 +129,20 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     # The conditions of the shipped Mask R-CNN's last stages (its model card).
+    # The validation set keeps them whatever --correlated-fraction is, so validation losses compare.
     ranges = ConditionRanges(correlated_fraction=0.5, r_half_max=(1.5, 4.0), space_fraction=0.25,
                              blend_fraction=(0.35, 0.85), density=(60.0, 400.0))
+    train_ranges = replace(ranges, correlated_fraction=args.correlated_fraction)
     cache = Path(args.cache)
-    train = _with_targets(cached_examples(cache / f"centres_train_{args.train_seed}_{args.n_train}.npz",
-                                          args.n_train, args.train_seed, args.workers, ranges))
+    tag = "" if args.correlated_fraction == ranges.correlated_fraction else f"_cf{args.correlated_fraction:g}"
+    train = _with_targets(cached_examples(cache / f"centres_train_{args.train_seed}_{args.n_train}{tag}.npz",
+                                          args.n_train, args.train_seed, args.workers, train_ranges))
     val = _with_targets(cached_examples(cache / f"centres_val_{args.val_seed}_{args.n_val}.npz",
                                         args.n_val, args.val_seed, args.workers, ranges))
     torch.manual_seed(args.seed)
     init_from = None
     if args.init_from:
-        model = load_centre_net(args.init_from).train()
+        model = _initial_centre_net(args.init_from).train()
         previous = model.deblend_card
         init_from = {"file": Path(args.init_from).name, **{k: previous.get(k) for k in ("data", "recipe")}}
     else:
@@ -135,7 +173,7 @@ def main():
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": {"simulator": "deblend.simulate (GalSim)", "n_train": args.n_train,
                  "train_seed": args.train_seed, "n_val": args.n_val, "val_seed": args.val_seed,
-                 "conditions": asdict(ranges), "augmentation": "flips and 90-degree rotations"},
+                 "conditions": asdict(train_ranges), "val_conditions": asdict(ranges), "augmentation": "flips and 90-degree rotations"},
         "recipe": {"script": "pipelines/train_centre_net.py",
                    "train_config": {k: v for k, v in asdict(cfg).items() if k in _FIT_SETTINGS},
                    "steps_done": result["steps"], "stopped_early": result["stopped_early"],
