@@ -72,14 +72,15 @@ def _add_run(sub):
                    help="run the networks in float16 (CUDA GPUs only; faster there, same outputs up to rounding)")
     n.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     n.add_argument("--weights", default=None,
-                   help="weights name or .pt file (default: the shipped model, mask_rcnn_small; also shipped: "
-                        "mask_rcnn_centres, a centre detector decides what is a source)")
+                   help="weights name or .pt file (default: the shipped model, mask_rcnn_small, whose centre "
+                        "detector decides what is a source)")
     n.add_argument("--score-threshold", type=float, default=None,
                    help="minimum detection score (default 0.5; with --tta, 0.4 on the fused score)")
     n.add_argument("--companion-distance", type=float, default=None, metavar="PIX",
                    help="the mask NMS keeps a detection covered by a brighter one's mask as a companion when "
                         "its centre is this far from the brighter one's and the image has a bump there "
-                        "(default: the pipeline's; 0: off)")
+                        "(default: the pipeline's; 0: off; only where the mask NMS is on, which it is not by "
+                        "default with the shipped weights: their centre detector decides)")
     n.add_argument("--window-size", type=int, default=256, help="network window in pixels (default 256)")
     n.add_argument("--overlap", type=int, default=48, help="overlap of windows in pixels (default 48)")
     n.add_argument("--no-split-crowded", dest="split_crowded", action="store_false",
