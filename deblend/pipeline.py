@@ -84,7 +84,9 @@ class Deblender:
     window_size, overlap : int, optional
         Tiling of large images for the network (see `deblend.tiling.make_windows`).
     score_threshold : float, optional
-        Minimum detection score (1 - P(background)) of a Mask R-CNN instance.
+        Minimum detection score (``det_score``, `deblend.segment.Instances`:
+        the centre heatmap's value with the shipped weights, else
+        1 - P(background)) of a Mask R-CNN instance.
         Default: 0.5, or `deblend.tta.TTA_SCORE_THRESHOLD` (0.4, on the
         fused score) with ``tta=True``.
     max_overlap : float, optional

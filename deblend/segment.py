@@ -85,11 +85,15 @@ class Instances:
         Probability of the predicted class, ``P(label)`` (torchvision's
         ``scores``: the softmax over background, star and galaxy).
     det_score : ndarray of float32, shape (N,)
-        Probability that the detection is a source at all, ``1 - P(background)
-        = P(star) + P(galaxy)``, so ``det_score >= class_prob`` and the class
-        probability given a source is ``class_prob / det_score`` (>= 0.5). For
-        models other than torchvision's Mask R-CNN it is the model's
-        ``det_scores`` output if it gives one, else ``scores``.
+        How likely the detection is a source at all. With a centre detector
+        that decides (``centre_detect``, the shipped weights) it is the
+        value of its centre heatmap at the source's centre, shifted by the
+        weights' operating point (`_centre_detections`). Otherwise it is the
+        box head's ``1 - P(background) = P(star) + P(galaxy)``, so
+        ``det_score >= class_prob`` and the class probability given a source
+        is ``class_prob / det_score`` (>= 0.5). For models other than
+        torchvision's Mask R-CNN it is the model's ``det_scores`` output if
+        it gives one, else ``scores``.
     centers : ndarray of float64, shape (N, 2)
         ``x, y`` centroid of each soft mask (pixel centres at integers).
     masks : list of ndarray of float16

@@ -238,8 +238,8 @@ def draw_boxes(ax, catalog, *, labels=None, annotate=True, score_column=None, li
         Write ``<class> <score>`` above each box (the label number when the
         catalog has neither).
     score_column : str, optional
-        Score to print. Default: ``det_score`` (1 - P(background)) when
-        present, else ``class_prob``, else none.
+        Score to print. Default: ``det_score`` (the detection score, see
+        `deblend.segment.Instances`) when present, else ``class_prob``, else none.
     linewidth : float, optional
     linestyle : str, optional
     fontsize : float, optional

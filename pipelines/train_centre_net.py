@@ -11,10 +11,10 @@ Usage (from the repository root):
         --max-minutes 60 --out runs/centre_net.pt                                  # stage 1
     .venv/bin/python pipelines/train_centre_net.py --init-from runs/centre_net.pt --n-train 4000 \
         --train-seed 22 --lr 1e-3 --max-minutes 45 --checkpoints runs/checkpoints/centre_net2 \
-        --out runs/centre_net2.pt                                                    # stage 2
-    .venv/bin/python pipelines/train_centre_net.py --init-from deblend/weights/mask_rcnn_centres.pt \
+        --out runs/centre_net2.pt                                  # stage 2 (rule 21; not shipped)
+    .venv/bin/python pipelines/train_centre_net.py --init-from runs/centre_net.pt \
         --n-train 4000 --train-seed 23 --correlated-fraction 0.8 --lr 1e-3 --steps 8000 --max-minutes 42 \
-        --checkpoints runs/checkpoints/centre_net3 --out runs/centre_net3.pt         # stage 3
+        --checkpoints runs/checkpoints/centre_net3 --out runs/centre_net3.pt         # stage 3 (shipped)
 
 ``--init-from`` takes a centre detector file or Mask R-CNN weights with one attached (its
 operating-point shift undone). ``--correlated-fraction`` sets the share of training scenes with
@@ -82,7 +82,7 @@ def _batch(examples, index, rng):
 def _initial_centre_net(path):
     """The centre detector in ``path``: a `save_centre_net` file, or Mask R-CNN weights with one attached.
 
-    From Mask R-CNN weights (e.g. deblend/weights/mask_rcnn_centres.pt) the
+    From Mask R-CNN weights (e.g. deblend/weights/mask_rcnn_small.pt) the
     operating-point shift recorded in their card is undone, so training goes on
     from the network as it was trained.
     """

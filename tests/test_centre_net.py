@@ -145,3 +145,20 @@ def test_shift_operating_point_maps_the_value_to_one_half_and_keeps_the_order():
     assert torch.equal(before.flatten().argsort(), after.flatten().argsort())
     with pytest.raises(ValueError, match="value"):
         shift_operating_point(net, 1.0)
+
+
+def test_heatmap_does_not_depend_on_the_number_of_threads():
+    """Catalogs must be byte-identical whatever the thread count (tests/test_reliability.py)."""
+    torch.manual_seed(0)
+    model = CentreNet(channels=(16, 32)).eval()
+    x = torch.randn(2, 1, 64, 64)
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                outputs.append(model(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])

@@ -68,7 +68,9 @@ def test_shipped_model_with_tta_on_sample_tile(sample_result):
     cat = result.catalog
     np.testing.assert_array_equal(np.unique(result.labels[result.labels > 0]), np.asarray(cat["label"]))
     det, prob = np.asarray(cat["det_score"]), np.asarray(cat["class_prob"])
-    assert np.all(det >= 0.4 - 1e-6) and np.all(det <= 1) and np.all(prob <= det + 1e-6)
+    # det_score is the centre heatmap's value (the shipped weights' centres decide), not 1 - P(background),
+    # so class_prob need not be below it
+    assert np.all(det >= 0.4 - 1e-6) and np.all(det <= 1) and np.all((prob > 0) & (prob <= 1))
 
 
 def test_shipped_refinement_on_sample_tile(sample_result):

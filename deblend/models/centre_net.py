@@ -93,7 +93,11 @@ class CentreNet(nn.Module):
             skips.append(x)
         for block, skip in zip(reversed(self.up), reversed(skips[:-1]), strict=True):
             x = block(torch.cat([F.interpolate(x, scale_factor=2.0, mode="nearest"), skip], dim=1))
-        return self.head(x)[..., :ny, :nx]
+        # The 1x1 head as an explicit weighted sum over channels: the convolution kernel's result depends on
+        # the number of torch threads in its last bits, and outputs must not (deterministic catalogs).
+        weight, bias = self.head.weight, self.head.bias
+        logits = (x * weight.view(1, -1, 1, 1)).sum(dim=1, keepdim=True) + bias.view(1, 1, 1, 1)
+        return logits[..., :ny, :nx]
 
 
 def centre_targets(centres, shape, *, sigma=CENTRE_SIGMA):
