@@ -73,7 +73,8 @@ def _add_run(sub):
     n.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     n.add_argument("--weights", default=None,
                    help="weights name or .pt file (default: the shipped model, mask_rcnn_small, whose centre "
-                        "detector decides what is a source)")
+                        "detector decides what is a source; also shipped: mask_rcnn_boxhead, the default before, "
+                        "where the box head decides: more sources in images with correlated noise, at lower precision)")
     n.add_argument("--score-threshold", type=float, default=None,
                    help="minimum detection score (default 0.5; with --tta, 0.4 on the fused score)")
     n.add_argument("--companion-distance", type=float, default=None, metavar="PIX",

@@ -9,7 +9,7 @@ from deblend.io import read_catalog, read_segmentation
 from deblend.models.registry import DEFAULT_MASK_RCNN, DEFAULT_PROB_UNET, model_card, weights_path
 
 
-@pytest.mark.parametrize("name", [DEFAULT_MASK_RCNN, DEFAULT_PROB_UNET, "unet_deterministic"])
+@pytest.mark.parametrize("name", [DEFAULT_MASK_RCNN, DEFAULT_PROB_UNET, "unet_deterministic", "mask_rcnn_boxhead"])
 def test_shipped_weights_have_a_model_card(name):
     path = weights_path(name)
     assert path.exists(), f"{path} is missing: the package ships its weights"
@@ -41,6 +41,9 @@ def test_shipped_model_lets_its_centre_detector_decide():
     """Rule 22 shipped a centre detector that decides what is a source; the mask NMS is then off."""
     deblender = Deblender("mask-rcnn")
     assert deblender.model.deblend_config["centre_detect"] and deblender.options["max_overlap"] == 1.0
+    # the optional weights without it (the default before rule 22): the box head decides, the mask NMS is on
+    boxhead = Deblender("mask-rcnn", weights="mask_rcnn_boxhead")
+    assert getattr(boxhead.model, "centre_net", None) is None and boxhead.options["max_overlap"] == 0.5
 
 
 def test_shipped_model_outputs_are_consistent(sample_result):
