@@ -176,6 +176,14 @@ def detect_coarse(detection, sigma, *, model, mask=None, factor=2, min_size=48, 
     **detect_options
         Passed to `deblend.segment.detect` (``batch_size``, ``device``,
         ``score_threshold``, ``half``, ``split_crowded``, ...).
+        ``centre_detect`` defaults to False: with weights whose centre
+        detector decides what is a source (the shipped ones), the box head
+        decides in the coarse pass. The centre detector was trained on
+        galaxies a few tens of pixels across and finds no centre for a
+        larger one (the XDF spiral, README *Real images*), binned or not;
+        its centres still add proposals. ``split_crowded`` is always False
+        here: crowded windows are re-run at half size to find small sources
+        the proposal budget missed, and the coarse pass keeps only large ones.
 
     Returns
     -------
@@ -191,6 +199,8 @@ def detect_coarse(detection, sigma, *, model, mask=None, factor=2, min_size=48, 
         return Instances.empty()
     normalized = normalize(binned, binned_sigma, mask=binned_mask)
     find = tta_module.detect_tta if tta else segment.detect
+    detect_options.setdefault("centre_detect", False)
+    detect_options["split_crowded"] = False
     found = find(normalized, model=model, mask=binned_mask, window_size=window_size,
                  overlap=min(overlap, (window_size - 1) // 2), **detect_options)
     found = suppress_duplicates(found, binned.shape, max_overlap=max_overlap)

@@ -95,7 +95,9 @@ class Deblender:
         (see `deblend.segment.suppress_duplicates`); 1 disables it. Default:
         0.5, or 1 for weights whose centre detector decides what is a source
         (``centre_detect``, `deblend.models.build_mask_rcnn`): its centres are
-        distinct sources already.
+        distinct sources already. The coarse pass, where the box head
+        decides (`deblend.coarse.detect_coarse`), keeps 0.5 unless this is
+        given.
     companion_distance : float, optional
         The mask NMS keeps an instance it would drop as a duplicate when its
         centre is at least this many pixels from the centres of the
@@ -114,7 +116,9 @@ class Deblender:
         Also detect on the image binned 2x2 and let the large sources found
         there (boxes of 48 px or more) replace the pieces the full-resolution
         pass made of them (`deblend.coarse`): for fields with galaxies much
-        larger than the PSF (nearby galaxies, space-telescope pixels). Off by
+        larger than the PSF (nearby galaxies, space-telescope pixels). The
+        box head decides what is a source there, even with weights whose
+        centre detector decides in the full-resolution pass. Off by
         default: on simulated scenes it changed F1 by less than 0.01, and
         it added 20-50 % to the run time on real 2600x2600 mosaics (see the
         README).
@@ -210,6 +214,9 @@ class Deblender:
                            companion_distance=companion_distance,
                            split_crowded=bool(split_crowded), coarse_pass=bool(coarse_pass), tta=bool(tta))
             self._load_model(weights)
+            # The coarse pass lets the box head decide (deblend.coarse.detect_coarse): its mask NMS is the box
+            # head's default unless one is given.
+            options["coarse_max_overlap"] = 0.5 if max_overlap is None else max_overlap
             if max_overlap is None:
                 centres_decide = getattr(self.model, "deblend_config", {}).get("centre_detect", False)
                 options["max_overlap"] = 1.0 if centres_decide else 0.5
@@ -347,8 +354,9 @@ class Deblender:
         instances = find(normalized, mask=prepared.mask, window_size=opts["window_size"],
                          overlap=opts["overlap"], **common)
         if opts["coarse_pass"]:
+            # The box head decides there (detect_coarse), so its mask NMS is the box head's default.
             large = detect_coarse(prepared.detection, prepared.detection_rms, mask=prepared.mask,
-                                  window_size=opts["window_size"], max_overlap=opts["max_overlap"],
+                                  window_size=opts["window_size"], max_overlap=opts["coarse_max_overlap"],
                                   tta=opts["tta"], **common)
             instances = merge_coarse(instances, large, normalized.shape)
         instances = suppress_duplicates(instances, normalized.shape, max_overlap=opts["max_overlap"],

@@ -347,7 +347,7 @@ def _may_be_owned(boxes, core):
     return (x1 + gx >= cx0 - 0.5) & (x0 - gx < cx1 - 0.5) & (y1 + gy >= cy0 - 0.5) & (y0 - gy < cy1 - 0.5)
 
 
-def _mask_rcnn_forward(model, images, score_threshold, cores=None, crowded_score=None):
+def _mask_rcnn_forward(model, images, score_threshold, cores=None, crowded_score=None, centre_detect=None):
     """Evaluate a torchvision Mask R-CNN on a (B, C, H, W) batch, one detection per proposal.
 
     The eval path of ``GeneralizedRCNN.forward`` and ``RoIHeads.forward``, with
@@ -357,6 +357,7 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None, crowded_score
     core could own (`_may_be_owned`) are dropped before the mask head. Each
     window's ``n_found`` counts its detections with ``det_score >=
     crowded_score`` (default: ``score_threshold``), for the crowded-window test.
+    ``centre_detect`` overrides the model's own setting when not None.
     """
     sizes = [tuple(int(s) for s in images.shape[-2:])] * len(images)
     image_list, _ = model.transform(list(images))
@@ -375,7 +376,9 @@ def _mask_rcnn_forward(model, images, score_threshold, cores=None, crowded_score
                                              heads.box_roi_pool(features, proposals, image_list.image_sizes))
     candidates = _candidates(heads, class_logits, box_regression, proposals, image_list.image_sizes)
     kept = _postprocess_detections(heads, candidates)
-    if centres is not None and config.get("centre_detect"):  # the centres alone decide what is a source
+    if centre_detect is None:
+        centre_detect = config.get("centre_detect", False)
+    if centres is not None and centre_detect:  # the centres alone decide what is a source
         per_image = _centre_detections(candidates, kept, centres, first, threshold=score_threshold)
     else:
         per_image = [tuple(t[keep] for t in c) for c, keep in zip(candidates, kept, strict=True)]
@@ -509,7 +512,7 @@ def _check_model_device(model, device):
 
 def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_size=4,
            device="cpu", score_threshold=SCORE_THRESHOLD, skip_empty=True, progress=False, half=False,
-           split_crowded=True, crowded_score=None):
+           split_crowded=True, crowded_score=None, centre_detect=None):
     """Detect and segment every source of an image with an instance segmenter.
 
     The image is cut into overlapping windows (`deblend.tiling.make_windows`);
@@ -574,6 +577,13 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
         ``score_threshold``. `deblend.tta` keeps detections down to a lower
         score and counts them from the single-pass default, 0.5, at which the
         limit was set.
+    centre_detect : bool, optional
+        For Mask R-CNN weights with a centre detector: whether its centres
+        decide what is a source (``centre_detect`` of
+        `deblend.models.build_mask_rcnn`). None (default) keeps the weights'
+        setting; False lets the box head decide, the centres still adding
+        proposals (the coarse pass, `deblend.coarse.detect_coarse`, does so
+        for sources larger than any the centre detector was trained on).
 
     Returns
     -------
@@ -626,7 +636,8 @@ def detect(normalized, *, model, mask=None, window_size=256, overlap=48, batch_s
     log.debug("detect: %d windows of %s, %d with signal", len(windows), windows[0].shape,
               len(todo))
     mask_rcnn = _is_mask_rcnn(model)
-    run = partial(_run_windows, model=model, forward=_mask_rcnn_forward if mask_rcnn else _generic_forward,
+    forward = partial(_mask_rcnn_forward, centre_detect=centre_detect) if mask_rcnn else _generic_forward
+    run = partial(_run_windows, model=model, forward=forward,
                   image=image, bad=bad, batch_size=batch_size, device=device, half=half,
                   score_threshold=float(score_threshold), progress=progress,
                   crowded_score=None if crowded_score is None else float(crowded_score))

@@ -139,3 +139,15 @@ def test_coarse_pass_gives_a_large_faint_source_one_label():
     assert np.bincount(fine_labels[disk])[1:].max(initial=0) < 0.2 * disk.sum()
     labels, _ = instances_to_labels(merge_coarse(fine, large, shape), shape)
     assert np.bincount(labels[disk])[1:].max() > 0.8 * disk.sum()  # the stand-in leaves holes
+
+
+def test_detect_coarse_lets_the_box_head_decide_and_splits_no_window(monkeypatch):
+    from deblend import segment
+
+    seen = []
+    monkeypatch.setattr(segment, "detect", lambda *a, **k: seen.append((k.get("centre_detect"), k["split_crowded"]))
+                        or Instances.empty())
+    detection = np.zeros((64, 64), np.float32)
+    detect_coarse(detection, 1.0, model=None, split_crowded=True)
+    detect_coarse(detection, 1.0, model=None, centre_detect=True)
+    assert seen == [(False, False), (True, False)]  # and crowded windows are never split there

@@ -249,6 +249,27 @@ def test_coarse_pass_option(untrained_weights, monkeypatch):
         assert deblender.config()["options"]["coarse_pass"] is flag  # recorded in the provenance
         deblender.run(image)
     assert len(seen) == 1 and seen[0]["window_size"] == 64 and seen[0]["score_threshold"] == 0.5
+    assert seen[0]["max_overlap"] == 0.5
+
+
+@pytest.mark.filterwarnings("ignore::deblend.exceptions.NoSourcesWarning")  # noise only
+def test_coarse_pass_keeps_the_box_heads_mask_nms_when_centres_decide(untrained_weights, tmp_path, monkeypatch):
+    import deblend.coarse
+    from deblend.models import attach_centre_net, load_weights, save_weights
+    from deblend.models.centre_net import CentreNet
+
+    save_weights(attach_centre_net(load_weights(untrained_weights), CentreNet(channels=(4, 8)), proposals=5,
+                                   detect=True), tmp_path / "centres.pt", metadata={})
+    seen = []
+    real = deblend.coarse.detect_coarse
+    monkeypatch.setattr(deblend.coarse, "detect_coarse", lambda *a, **k: seen.append(k["max_overlap"]) or real(*a, **k))
+    image = np.random.default_rng(1).normal(0, 1, (64, 64)).astype(np.float32)
+    for max_overlap in (None, 0.7):
+        deblender = Deblender("mask-rcnn", weights=tmp_path / "centres.pt", window_size=64, overlap=16,
+                              refine=False, coarse_pass=True, max_overlap=max_overlap)
+        assert deblender.options["max_overlap"] == (1.0 if max_overlap is None else 0.7)
+        deblender.run(image)
+    assert seen == [0.5, 0.7]  # the box head decides in the coarse pass: its default, unless one is given
 
 
 @pytest.mark.filterwarnings("ignore::deblend.exceptions.NoSourcesWarning")  # noise only

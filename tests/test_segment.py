@@ -789,10 +789,14 @@ def test_detect_with_centres_deciding():
     model = attach_centre_net(build_mask_rcnn(seed=0), CentreNet(channels=(4, 8)), proposals=20, threshold=0.5)
     model.centre_net = _FixedCentres()
     kwargs = {"model": model, "window_size": 64, "overlap": 16, "skip_empty": False}
-    assert len(detect(image, **kwargs)) > 2  # the untrained box head decides: detections everywhere
+    box_head = detect(image, **kwargs)
+    assert len(box_head) > 2  # the untrained box head decides: detections everywhere
     model.deblend_config["centre_detect"] = True
     found = detect(image, **kwargs)
     _check_well_formed(found, shape)
     assert len(found) == 2 and (found.det_score > 0.99).all()
+    overridden = detect(image, centre_detect=False, **kwargs)  # the box head decides, as the coarse pass asks
+    np.testing.assert_array_equal(overridden.boxes, box_head.boxes)
+    np.testing.assert_array_equal(overridden.det_score, box_head.det_score)
     boxes = np.sort(0.5 * (found.boxes[:, :2] + found.boxes[:, 2:]), axis=0)
     np.testing.assert_allclose(boxes, [[20.5, 20.5], [45.5, 30.5]], atol=2.0)
