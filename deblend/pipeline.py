@@ -354,7 +354,6 @@ class Deblender:
         instances = find(normalized, mask=prepared.mask, window_size=opts["window_size"],
                          overlap=opts["overlap"], **common)
         if opts["coarse_pass"]:
-            # The box head decides there (detect_coarse), so its mask NMS is the box head's default.
             large = detect_coarse(prepared.detection, prepared.detection_rms, mask=prepared.mask,
                                   window_size=opts["window_size"], max_overlap=opts["coarse_max_overlap"],
                                   tta=opts["tta"], **common)
